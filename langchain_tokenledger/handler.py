@@ -1,0 +1,517 @@
+"""``TokenLedgerHandler``: LangChain callback events -> one :class:`UsageRecord` per LLM call.
+
+The handler follows the run tree so that every LLM row knows its parent, its root and the root's
+name. It does no I/O: finished records go to the ledger's queue, and the ledger's writer thread
+prices and writes them. Per-run state is dropped when a run ends (and evicted, with a row, when a
+run never ends), so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import BaseMessage
+from langchain_core.outputs import LLMResult
+
+from . import usage as _usage
+from .estimate import estimate_tokens
+from .records import Status, UsageRecord
+
+if TYPE_CHECKING:
+    from .store import Ledger
+
+logger = logging.getLogger("langchain_tokenledger")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SESSION_KEYS = ("session_id", "thread_id", "conversation_id")
+"""Metadata keys that fill the ``session_id`` column, first found wins."""
+
+_INTERNAL_META = ("ls_", "lc_")
+"""Metadata LangChain adds itself (``ls_provider``, ``lc_versions``): it has its own columns."""
+_INTERNAL_TAG = "seq:step:"
+
+_CANCELLED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
+_UTC = timezone.utc
+
+
+def strict_mode() -> bool:
+    """Whether handler faults are raised (``TOKENLEDGER_STRICT=1``, set by our test suite)."""
+    return os.environ.get("TOKENLEDGER_STRICT", "") not in ("", "0", "false")
+
+
+def _guarded(method: F) -> F:
+    """Log a handler fault instead of breaking the user's chain (re-raise in strict mode)."""
+
+    @functools.wraps(method)
+    def wrapper(self: TokenLedgerHandler, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            logger.exception("langchain-tokenledger: %s failed", method.__name__)
+            if self.raise_error:
+                raise
+            return None
+
+    return cast(F, wrapper)
+
+
+class _Node:
+    """A run the handler has seen start and not yet end."""
+
+    __slots__ = ("ancestry", "name", "root", "root_name", "seen")
+
+    def __init__(self, root: UUID, root_name: str | None, ancestry: str, name: str | None) -> None:
+        self.root = root
+        self.root_name = root_name
+        self.ancestry = ancestry
+        self.name = name
+        self.seen = time.monotonic()
+
+
+class _LLMRun:
+    """In-flight state of one LLM call."""
+
+    __slots__ = (
+        "batch_size",
+        "chunk_usages",
+        "first_token",
+        "messages",
+        "metadata",
+        "model_hint",
+        "name",
+        "node",
+        "parent",
+        "prompts",
+        "provider",
+        "started_mono",
+        "started_wall",
+        "tags",
+    )
+
+    def __init__(self) -> None:
+        self.chunk_usages: list[Mapping[str, Any]] = []
+        self.first_token: float | None = None
+        self.messages: Sequence[BaseMessage] | None = None
+        self.prompts: Sequence[str] | None = None
+
+
+def _run_name(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> str | None:
+    name = kwargs.get("name")
+    if name:
+        return str(name)
+    if serialized:
+        if serialized.get("name"):
+            return str(serialized["name"])
+        ids = serialized.get("id")
+        if ids:
+            return str(ids[-1])
+    return None
+
+
+class TokenLedgerHandler(BaseCallbackHandler):
+    """Records one row per LLM call into a :class:`~langchain_tokenledger.Ledger`.
+
+    One instance serves sync and async runs, threads and asyncio tasks at once. It runs inline
+    (no executor hop in async runs) and only enqueues: rows are durable once :meth:`flush`
+    returns.
+
+    Example:
+        >>> from langchain_tokenledger import Ledger, TokenLedgerHandler
+        >>> from langchain_tokenledger.testing import FakeUsageChatModel
+        >>> ledger = Ledger("sqlite://")
+        >>> handler = TokenLedgerHandler(ledger, tags=["team-a"], metadata={"user_id": "u1"})
+        >>> _ = FakeUsageChatModel().invoke("hi", config={"callbacks": [handler]})
+        >>> handler.flush()
+        >>> ledger.query("SELECT model, total_tokens, user_id FROM llm_calls")
+        [{'model': 'gpt-4o-mini', 'total_tokens': 30, 'user_id': 'u1'}]
+    """
+
+    run_inline = True
+
+    def __init__(
+        self,
+        ledger: Ledger | None = None,
+        *,
+        tags: Iterable[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        on_record: Callable[[UsageRecord], None] | None = None,
+        stale_after: float = 3600.0,
+    ) -> None:
+        """Args:
+        ledger: where rows go; default :func:`~langchain_tokenledger.default_ledger`.
+        tags: added to every row's ``tags``.
+        metadata: defaults for every row's ``metadata`` (the run's own keys win).
+        on_record: called with every finished record (after it is queued), e.g. live totals.
+        stale_after: seconds after which a run that never ended is evicted (and written as
+            ``cancelled`` with the note ``evicted_without_end``).
+        """
+        super().__init__()
+        if stale_after <= 0:
+            raise ValueError("stale_after must be a positive number of seconds")
+        if ledger is None:
+            from .store import default_ledger
+
+            ledger = default_ledger()
+        self.ledger = ledger
+        self.tags: tuple[str, ...] = tuple(tags or ())
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.on_record = on_record
+        self.stale_after = stale_after
+        self.raise_error = strict_mode()
+        self._lock = threading.Lock()
+        self._nodes: dict[UUID, _Node] = {}
+        self._llm_runs: dict[UUID, _LLMRun] = {}
+        self._starts = 0
+
+    def __repr__(self) -> str:
+        return f"TokenLedgerHandler(ledger={self.ledger!r}, in_flight={len(self._llm_runs)})"
+
+    # -- public --------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every row recorded so far is committed to SQL."""
+        self.ledger.flush(timeout=timeout)
+
+    @property
+    def in_flight(self) -> int:
+        """LLM calls started and not yet ended."""
+        return len(self._llm_runs)
+
+    # -- run tree ------------------------------------------------------------------------
+
+    def _enter(self, run_id: UUID, parent_run_id: UUID | None, name: str | None) -> _Node:
+        parent = self._nodes.get(parent_run_id) if parent_run_id is not None else None
+        if parent is None:
+            node = _Node(run_id, name, "", name)
+        else:
+            sep = "/" if parent.ancestry else ""
+            node = _Node(parent.root, parent.root_name, f"{parent.ancestry}{sep}{parent_run_id}", name)
+        self._nodes[run_id] = node
+        self._starts += 1
+        return node
+
+    def _maybe_sweep(self) -> None:
+        if self._starts % 1024 == 0:
+            self.evict_stale()
+
+    def _leave(self, run_id: UUID) -> None:
+        self._nodes.pop(run_id, None)
+
+    @_guarded
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Remember the chain's place in the run tree."""
+        with self._lock:
+            self._enter(run_id, parent_run_id, _run_name(serialized, kwargs))
+        self._maybe_sweep()
+
+    @_guarded
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any] | None,
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Remember the tool's place in the run tree."""
+        with self._lock:
+            self._enter(run_id, parent_run_id, _run_name(serialized, kwargs))
+        self._maybe_sweep()
+
+    @_guarded
+    def on_retriever_start(
+        self,
+        serialized: dict[str, Any] | None,
+        query: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Remember the retriever's place in the run tree."""
+        with self._lock:
+            self._enter(run_id, parent_run_id, _run_name(serialized, kwargs))
+        self._maybe_sweep()
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        """Forget the chain."""
+        self._leave(run_id)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        """Forget the chain."""
+        self._leave(run_id)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        """Forget the tool."""
+        self._leave(run_id)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        """Forget the tool."""
+        self._leave(run_id)
+
+    def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        """Forget the retriever."""
+        self._leave(run_id)
+
+    def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        """Forget the retriever."""
+        self._leave(run_id)
+
+    # -- LLM calls -----------------------------------------------------------------------
+
+    def _start_llm(
+        self,
+        serialized: Mapping[str, Any] | None,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        kwargs: Mapping[str, Any],
+    ) -> _LLMRun:
+        run = _LLMRun()
+        run.started_wall = time.time()
+        run.started_mono = time.perf_counter()
+        run.parent = parent_run_id
+        run.name = _run_name(serialized, kwargs)
+        run.tags = kwargs.get("tags")
+        meta = kwargs.get("metadata") or {}
+        run.metadata = meta
+        run.provider = meta.get("ls_provider")
+        params = kwargs.get("invocation_params") or {}
+        run.model_hint = (
+            meta.get("ls_model_name") or params.get("model") or params.get("model_name")
+        )
+        run.batch_size = kwargs.get("batch_size") or 1
+        with self._lock:
+            run.node = self._enter(run_id, parent_run_id, run.name)
+            self._llm_runs[run_id] = run
+        self._maybe_sweep()
+        return run
+
+    @_guarded
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Open an LLM call (chat model)."""
+        run = self._start_llm(serialized, run_id, parent_run_id, kwargs)
+        run.messages = messages[0] if messages else None
+
+    @_guarded
+    def on_llm_start(
+        self,
+        serialized: dict[str, Any],
+        prompts: list[str],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Open an LLM call (completion-style model)."""
+        run = self._start_llm(serialized, run_id, parent_run_id, kwargs)
+        run.prompts = prompts
+
+    def on_llm_new_token(self, token: str, *, run_id: UUID, chunk: Any = None, **kwargs: Any) -> None:
+        """Note the first token's time and any usage a chunk carries."""
+        run = self._llm_runs.get(run_id)
+        if run is None:
+            return
+        if run.first_token is None:
+            run.first_token = time.perf_counter()
+        message = getattr(chunk, "message", None)
+        if message is not None:
+            usage = getattr(message, "usage_metadata", None)
+            if usage:
+                run.chunk_usages.append(usage)
+
+    @_guarded
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        """Close the call with status ``ok`` and its usage."""
+        self._finish(run_id, "ok", response, None, kwargs)
+
+    @_guarded
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        """Close the call with status ``error`` (or ``cancelled``) and any usage it carried."""
+        status: Status = "cancelled" if isinstance(error, _CANCELLED) else "error"
+        self._finish(run_id, status, kwargs.get("response"), error, kwargs)
+
+    def _finish(
+        self,
+        run_id: UUID,
+        status: Status,
+        response: LLMResult | None,
+        error: BaseException | None,
+        kwargs: Mapping[str, Any],
+    ) -> None:
+        ended_mono = time.perf_counter()
+        with self._lock:
+            run = self._llm_runs.pop(run_id, None)
+            self._nodes.pop(run_id, None)
+        if run is None:
+            # An end without a start: a second end event for the same call (already recorded),
+            # or a handler attached after the call began. The ledger's writes are idempotent on
+            # run_id, so recording it is safe either way; but we have nothing to add.
+            logger.debug("end event for unknown LLM run %s ignored", run_id)
+            return
+        record = self._build(run_id, run, status, response, error, ended_mono)
+        self._emit(record)
+
+    def _build(
+        self,
+        run_id: UUID,
+        run: _LLMRun,
+        status: Status,
+        response: LLMResult | None,
+        error: BaseException | None,
+        ended_mono: float,
+        extra_notes: Sequence[str] = (),
+    ) -> UsageRecord:
+        u = _usage.from_llm_result(response, chunk_usages=run.chunk_usages)
+        notes = list(u.notes)
+        notes.extend(extra_notes)
+        model = u.model or run.model_hint
+        if model is None:
+            notes.append("no_model")
+        if u.source == "none" and run.batch_size > 1 and response is not None:
+            token_usage = (response.llm_output or {}).get("token_usage")
+            if token_usage is not None and not token_usage:
+                notes.append("usage_billed_on_first_prompt_of_batch")
+        elif u.source == "none" and not u.cache_hit:
+            self._estimate(u, run, response, model, notes)
+        if u.source == "none":
+            notes.append("usage_unknown")
+        node = run.node
+        meta = run.metadata
+        merged_meta = dict(self.metadata)
+        for key, value in meta.items():
+            if not key.startswith(_INTERNAL_META):
+                merged_meta[key] = value
+        tags = list(self.tags)
+        for tag in run.tags or ():
+            if tag not in tags and not tag.startswith(_INTERNAL_TAG):
+                tags.append(tag)
+        session_id = None
+        for key in SESSION_KEYS:
+            if merged_meta.get(key) is not None:
+                session_id = str(merged_meta[key])
+                break
+        user_id = merged_meta.get("user_id")
+        latency = (ended_mono - run.started_mono) * 1000.0
+        return UsageRecord(
+            run_id=str(run_id),
+            parent_run_id=str(run.parent) if run.parent is not None else None,
+            root_run_id=str(node.root),
+            root_name=node.root_name,
+            run_name=run.name,
+            provider=run.provider,
+            model=model,
+            status=status,
+            error_type=type(error).__name__ if error is not None else None,
+            input_tokens=u.input_tokens,
+            output_tokens=u.output_tokens,
+            total_tokens=u.total_tokens,
+            cache_read_tokens=u.cache_read_tokens,
+            cache_creation_tokens=u.cache_creation_tokens,
+            reasoning_tokens=u.reasoning_tokens,
+            cache_hit=u.cache_hit,
+            usage_source=u.source,
+            usage_details=u.details,
+            streamed=run.first_token is not None,
+            started_at=datetime.fromtimestamp(run.started_wall, _UTC),
+            ended_at=datetime.fromtimestamp(
+                run.started_wall + (ended_mono - run.started_mono), _UTC
+            ),
+            latency_ms=latency,
+            ttft_ms=(
+                (run.first_token - run.started_mono) * 1000.0
+                if run.first_token is not None
+                else None
+            ),
+            user_id=str(user_id) if user_id is not None else None,
+            session_id=session_id,
+            tags=tags,
+            metadata=merged_meta,
+            notes=notes,
+            ancestry=node.ancestry,
+        )
+
+    def _estimate(
+        self,
+        u: _usage.Usage,
+        run: _LLMRun,
+        response: LLMResult | None,
+        model: str | None,
+        notes: list[str],
+    ) -> None:
+        """Fill ``u`` with tiktoken estimates when the provider reported nothing."""
+        prompt = _usage.prompt_text(run.prompts, run.messages)
+        inp = estimate_tokens(model, run.provider, prompt)
+        if inp is None:
+            return
+        out = estimate_tokens(model, run.provider, _usage.output_text(response))
+        if out is None:
+            return
+        u.input_tokens, u.output_tokens, u.total_tokens = inp, out, inp + out
+        u.source = "estimated"
+        notes.append("estimated_tiktoken")
+
+    def _emit(self, record: UsageRecord) -> None:
+        self.ledger.record(record)
+        if self.on_record is not None:
+            self.on_record(record)
+
+    # -- eviction ------------------------------------------------------------------------
+
+    def evict_stale(self) -> int:
+        """Drop the state of runs older than ``stale_after`` that never ended.
+
+        LLM calls among them are written as ``cancelled`` with the note ``evicted_without_end``
+        (nothing is dropped silently). Runs by itself every 1024 run starts; returns how many LLM
+        calls it wrote.
+
+        Example:
+            >>> handler.evict_stale()  # doctest: +SKIP
+            0
+        """
+        with self._lock:
+            cutoff = time.monotonic() - self.stale_after
+            stale = [rid for rid, node in self._nodes.items() if node.seen < cutoff]
+            runs: list[tuple[UUID, _LLMRun]] = []
+            for rid in stale:
+                del self._nodes[rid]
+                run = self._llm_runs.pop(rid, None)
+                if run is not None:
+                    runs.append((rid, run))
+        if runs:
+            logger.warning("evicting %d LLM runs that never ended", len(runs))
+        now = time.perf_counter()
+        for rid, run in runs:
+            self._emit(
+                self._build(
+                    rid, run, "cancelled", None, None, now, extra_notes=("evicted_without_end",)
+                )
+            )
+        return len(runs)

@@ -1,0 +1,282 @@
+"""Typed records: one :class:`UsageRecord` per LLM call, and the in-memory totals built from them.
+
+A record is what the handler hands to the ledger; it maps one to one onto a row of the
+``llm_calls`` table (same field names, same order as :data:`RECORD_FIELDS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+Status = Literal["ok", "error", "cancelled"]
+"""The outcome of an LLM call."""
+
+UsageSource = Literal["provider", "estimated", "cache", "none"]
+"""Where a row's token counts come from.
+
+``provider``: the provider's own report; ``estimated``: counted locally (tiktoken) because the
+provider sent none; ``cache``: an LLM-cache replay (billed columns are zero, the replayed usage is
+kept in ``usage_details``); ``none``: unknown, the token columns are NULL.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One LLM call, as written to the ``llm_calls`` table.
+
+    Example:
+        >>> from datetime import datetime, timezone
+        >>> r = UsageRecord(run_id="0190c5e8-0000-7000-8000-000000000001", model="gpt-4o-mini",
+        ...                 input_tokens=10, output_tokens=5, total_tokens=15)
+        >>> r.status, r.usage_source
+        ('ok', 'provider')
+    """
+
+    run_id: str
+    parent_run_id: str | None = None
+    root_run_id: str | None = None
+    root_name: str | None = None
+    run_name: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    status: Status = "ok"
+    error_type: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_creation_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cost_usd: Decimal | None = None
+    price_source: str | None = None
+    cache_hit: bool = False
+    usage_source: UsageSource = "provider"
+    usage_details: dict[str, Any] = field(default_factory=dict)
+    streamed: bool = False
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    ancestry: str = ""
+    """Run ids from the root down to the parent, ``/``-separated (lets a query find every call
+    under any inner run)."""
+
+    def replace(self, **changes: Any) -> UsageRecord:
+        """Return a copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageRecord))
+"""Column order of ``llm_calls``; the writer and the schema both follow it."""
+
+
+@dataclass(slots=True)
+class ModelUsage:
+    """Token and cost totals for one model, in ``get_openai_callback``'s vocabulary.
+
+    Example:
+        >>> m = ModelUsage(model="gpt-4o-mini")
+        >>> m.add(UsageRecord(run_id="r1", input_tokens=3, output_tokens=2, total_tokens=5))
+        >>> m.total_tokens, m.successful_requests
+        (5, 1)
+    """
+
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
+    successful_requests: int = 0
+    failed_requests: int = 0
+    cache_hits: int = 0
+    total_cost: Decimal = Decimal(0)
+    unpriced_requests: int = 0
+
+    def add(self, record: UsageRecord) -> None:
+        """Add one call to the totals (cache hits count as calls but bill nothing)."""
+        if record.status == "ok":
+            self.successful_requests += 1
+        else:
+            self.failed_requests += 1
+        if record.cache_hit:
+            self.cache_hits += 1
+        self.prompt_tokens += record.input_tokens or 0
+        self.completion_tokens += record.output_tokens or 0
+        self.total_tokens += record.total_tokens or 0
+        self.cached_tokens += record.cache_read_tokens or 0
+        self.cache_creation_tokens += record.cache_creation_tokens or 0
+        self.reasoning_tokens += record.reasoning_tokens or 0
+        if record.cost_usd is not None:
+            self.total_cost += record.cost_usd
+        elif record.total_tokens:
+            self.unpriced_requests += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plain-dict shape users build by hand from ``get_openai_callback``."""
+        return {
+            "model_name": self.model,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "cached_tokens": self.cached_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "successful_requests": self.successful_requests,
+            "failed_requests": self.failed_requests,
+            "total_cost": self.total_cost,
+        }
+
+    def __getitem__(self, key: str) -> Any:
+        return self.as_dict()[key]
+
+
+class UsageSummary:
+    """Live totals of the calls seen by a :func:`track_usage` block (thread-safe).
+
+    Reads like ``get_openai_callback()``'s handler, with per-model and per-root-run breakdowns.
+
+    Example:
+        >>> s = UsageSummary()
+        >>> s.add(UsageRecord(run_id="r1", root_run_id="root", model="m", input_tokens=2,
+        ...                   output_tokens=1, total_tokens=3))
+        >>> s.total_tokens, s.by_model["m"].total_tokens, s.by_run["root"]["m"].prompt_tokens
+        (3, 3, 2)
+    """
+
+    def __init__(self, records: Iterable[UsageRecord] = ()) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[str, UsageRecord] = {}
+        for record in records:
+            self.add(record)
+
+    def add(self, record: UsageRecord) -> None:
+        """Count ``record`` (a second record with the same ``run_id`` replaces the first)."""
+        with self._lock:
+            self._records[record.run_id] = record
+
+    @property
+    def records(self) -> list[UsageRecord]:
+        """The calls seen, in the order they ended."""
+        with self._lock:
+            return list(self._records.values())
+
+    def _total(self) -> ModelUsage:
+        total = ModelUsage()
+        for record in self.records:
+            total.add(record)
+        return total
+
+    @property
+    def by_model(self) -> dict[str, ModelUsage]:
+        """Totals per model name (``"unknown"`` where the provider named none)."""
+        return _group(self.records)
+
+    @property
+    def by_run(self) -> dict[str, dict[str, ModelUsage]]:
+        """Totals per root run id, then per model."""
+        runs: dict[str, list[UsageRecord]] = {}
+        for record in self.records:
+            runs.setdefault(record.root_run_id or record.run_id, []).append(record)
+        return {run_id: _group(records) for run_id, records in runs.items()}
+
+    @property
+    def total_tokens(self) -> int:
+        """Billed tokens, input plus output."""
+        return self._total().total_tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Billed input tokens (cache reads included, as providers report them)."""
+        return self._total().prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        """Billed output tokens (reasoning included)."""
+        return self._total().completion_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        """Input tokens read from the provider's prompt cache."""
+        return self._total().cached_tokens
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """Output tokens spent on reasoning."""
+        return self._total().reasoning_tokens
+
+    @property
+    def successful_requests(self) -> int:
+        """Calls that ended with status ``ok`` (LLM-cache hits included)."""
+        return self._total().successful_requests
+
+    @property
+    def failed_requests(self) -> int:
+        """Calls that ended with status ``error`` or ``cancelled``."""
+        return self._total().failed_requests
+
+    @property
+    def cache_hits(self) -> int:
+        """Calls answered from an LLM cache (billed nothing)."""
+        return self._total().cache_hits
+
+    @property
+    def total_cost(self) -> Decimal:
+        """Cost in USD of the priced calls."""
+        return self._total().total_cost
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._records)
+
+    def __repr__(self) -> str:
+        return (
+            f"UsageSummary(calls={len(self)}, total_tokens={self.total_tokens}, "
+            f"total_cost={self.total_cost})"
+        )
+
+    def __str__(self) -> str:
+        t = self._total()
+        lines = [
+            f"Tokens Used: {t.total_tokens}",
+            f"\tPrompt Tokens: {t.prompt_tokens}",
+            f"\t\tPrompt Tokens Cached: {t.cached_tokens}",
+            f"\tCompletion Tokens: {t.completion_tokens}",
+            f"\t\tReasoning Tokens: {t.reasoning_tokens}",
+            f"Successful Requests: {t.successful_requests}",
+            f"Failed Requests: {t.failed_requests}",
+            f"LLM Cache Hits: {t.cache_hits}",
+            f"Total Cost (USD): ${t.total_cost:f}",
+        ]
+        return "\n".join(lines)
+
+
+def _group(records: Iterable[UsageRecord]) -> dict[str, ModelUsage]:
+    out: dict[str, ModelUsage] = {}
+    for record in records:
+        name = record.model or "unknown"
+        bucket = out.get(name)
+        if bucket is None:
+            bucket = out[name] = ModelUsage(model=name)
+        bucket.add(record)
+    return out
+
+
+def merge_dicts(*parts: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Merge mappings left to right (later wins), skipping ``None``."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        if part:
+            out.update(part)
+    return out
