@@ -392,6 +392,9 @@ class TokenLedgerHandler(BaseCallbackHandler):
         u = _usage.from_llm_result(response, chunk_usages=run.chunk_usages)
         notes = list(u.notes)
         notes.extend(extra_notes)
+        status_code = getattr(error, "status_code", None)
+        if isinstance(status_code, int):
+            notes.append(f"http_status:{status_code}")
         model = u.model or run.model_hint
         if model is None:
             notes.append("no_model")

@@ -66,7 +66,7 @@ llm_calls = sa.Table(
 tokenledger_meta = sa.Table(
     "tokenledger_meta",
     metadata_obj,
-    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.String(255), nullable=False),
 )
 
@@ -85,17 +85,20 @@ def create_schema(engine: sa.Engine) -> None:
     metadata_obj.create_all(engine, checkfirst=True)
     with engine.begin() as conn:
         found = conn.execute(
-            sa.select(tokenledger_meta.c.value).where(tokenledger_meta.c.key == "schema_version")
+            sa.select(tokenledger_meta.c.value).where(tokenledger_meta.c.name == "schema_version")
         ).scalar()
         if found is None:
             conn.execute(
-                tokenledger_meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
+                tokenledger_meta.insert().values(name="schema_version", value=str(SCHEMA_VERSION))
             )
         elif int(found) > SCHEMA_VERSION:
             raise RuntimeError(
                 f"this ledger has schema version {found}, newer than this "
                 f"langchain-tokenledger understands ({SCHEMA_VERSION}): upgrade the package"
             )
+    from .views import create_views
+
+    create_views(engine)
 
 
 def schema_version(engine: sa.Engine) -> int | None:
@@ -104,6 +107,6 @@ def schema_version(engine: sa.Engine) -> int | None:
         if not sa.inspect(conn).has_table("tokenledger_meta"):
             return None
         found = conn.execute(
-            sa.select(tokenledger_meta.c.value).where(tokenledger_meta.c.key == "schema_version")
+            sa.select(tokenledger_meta.c.value).where(tokenledger_meta.c.name == "schema_version")
         ).scalar()
     return None if found is None else int(found)

@@ -91,7 +91,7 @@ def _create_engine(url: sa.URL, engine_kwargs: Mapping[str, Any]) -> sa.Engine:
     try:
         engine = sa.create_engine(url, **kwargs)
     except (NoSuchModuleError, ModuleNotFoundError, ImportError) as exc:
-        extra = _EXTRAS.get(url.get_driver_name(), "")
+        extra = _EXTRAS.get(url.drivername.partition("+")[2], "")
         hint = f": pip install 'langchain-tokenledger[{extra}]'" if extra else ""
         raise LedgerError(f"no database driver for {url.drivername!r}{hint} ({exc})") from exc
     if url.get_backend_name() == "sqlite":

@@ -1,0 +1,337 @@
+"""The store: schema on every backend, batched idempotent writes, durability, and failures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from langchain_tokenledger import Ledger, LedgerError, UsageRecord
+from langchain_tokenledger.records import RECORD_FIELDS
+from langchain_tokenledger.schema import SCHEMA_VERSION, llm_calls
+from langchain_tokenledger.store import resolve_url
+
+DOCUMENTED_COLUMNS = [
+    "run_id", "parent_run_id", "root_run_id", "root_name", "run_name", "provider", "model",
+    "status", "error_type", "input_tokens", "output_tokens", "total_tokens", "cache_read_tokens",
+    "cache_creation_tokens", "reasoning_tokens", "cost_usd", "price_source", "cache_hit",
+    "usage_source", "usage_details", "streamed", "started_at", "ended_at", "latency_ms",
+    "ttft_ms", "user_id", "session_id", "tags", "metadata", "notes", "ancestry",
+]  # fmt: skip
+
+T0 = datetime(2026, 11, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
+T1 = datetime(2026, 11, 1, 12, 30, 16, 0, tzinfo=timezone.utc)
+
+
+def full_record(run_id: str = "01900000-0000-7000-8000-000000000001", **kw: Any) -> UsageRecord:
+    """A record with every column filled."""
+    values: dict[str, Any] = dict(
+        run_id=run_id,
+        parent_run_id="01900000-0000-7000-8000-0000000000aa",
+        root_run_id="01900000-0000-7000-8000-0000000000aa",
+        root_name="RunnableSequence",
+        run_name="ChatOpenAI",
+        provider="openai",
+        model="gpt-4o-mini",
+        status="ok",
+        input_tokens=120,
+        output_tokens=30,
+        total_tokens=150,
+        cache_read_tokens=100,
+        cache_creation_tokens=0,
+        reasoning_tokens=10,
+        cost_usd=Decimal("0.000123456789"),
+        price_source="override",
+        usage_source="provider",
+        usage_details={"input_tokens": 120, "input_token_details": {"cache_read": 100}},
+        streamed=True,
+        started_at=T0,
+        ended_at=T1,
+        latency_ms=876.544,
+        ttft_ms=12.5,
+        user_id="u1",
+        session_id="s1",
+        tags=["team-a", "nightly"],
+        metadata={"user_id": "u1", "feature": "summarize", "n": 3},
+        notes=["total_mismatch"],
+        ancestry="01900000-0000-7000-8000-0000000000aa",
+    )
+    values.update(kw)
+    return UsageRecord(**values)
+
+
+def read_rows(ledger: Ledger) -> list[dict[str, Any]]:
+    """Every row, decoded by SQLAlchemy's column types (JSON, Numeric, DateTime)."""
+    with ledger.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(llm_calls).order_by("run_id")).mappings()]
+
+
+def as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+def test_schema_has_the_documented_columns_and_version(ledger: Ledger) -> None:
+    inspector = sa.inspect(ledger.engine)
+    columns = [c["name"] for c in inspector.get_columns("llm_calls")]
+    assert columns == DOCUMENTED_COLUMNS == list(RECORD_FIELDS)
+    assert inspector.get_pk_constraint("llm_calls")["constrained_columns"] == ["run_id"]
+    indexes = {ix["name"] for ix in inspector.get_indexes("llm_calls")}
+    assert {
+        "ix_llm_calls_root_run_id",
+        "ix_llm_calls_started_at",
+        "ix_llm_calls_model_started_at",
+        "ix_llm_calls_user_id_started_at",
+        "ix_llm_calls_session_id",
+    } <= indexes
+    assert ledger.query("SELECT value FROM tokenledger_meta WHERE name = 'schema_version'") == [
+        {"value": str(SCHEMA_VERSION)}
+    ]
+
+
+def test_a_record_round_trips_exactly(ledger: Ledger) -> None:
+    ledger.record(full_record())
+    ledger.flush()
+
+    [row] = read_rows(ledger)
+    assert row["cost_usd"] == Decimal("0.000123456789")
+    assert as_utc(row["started_at"]) == T0
+    assert as_utc(row["ended_at"]) == T1
+    assert row["tags"] == ["team-a", "nightly"]
+    assert row["metadata"] == {"user_id": "u1", "feature": "summarize", "n": 3}
+    assert row["usage_details"] == {"input_tokens": 120, "input_token_details": {"cache_read": 100}}
+    assert row["notes"] == ["total_mismatch"]
+    assert row["cache_hit"] is False
+    assert row["streamed"] is True
+    for name in ("run_id", "model", "input_tokens", "reasoning_tokens", "user_id", "ancestry"):
+        assert row[name] == getattr(full_record(), name)
+
+
+def test_unknown_usage_is_null_not_zero(ledger: Ledger) -> None:
+    ledger.record(
+        UsageRecord(run_id="r-none", status="error", error_type="RateLimitError", usage_source="none")
+    )
+    ledger.flush()
+
+    [row] = read_rows(ledger)
+    assert (row["input_tokens"], row["output_tokens"], row["total_tokens"]) == (None, None, None)
+    assert (row["cost_usd"], row["usage_source"], row["status"]) == (None, "none", "error")
+
+
+def test_writes_are_idempotent_on_run_id(ledger: Ledger) -> None:
+    first = full_record(input_tokens=1)
+    ledger.record(first)
+    ledger.record(full_record(input_tokens=2))  # same run_id, same batch
+    ledger.flush()
+    ledger.record(full_record(input_tokens=3))  # same run_id, a later batch
+    ledger.record(full_record(run_id="01900000-0000-7000-8000-000000000002"))
+    ledger.flush()
+
+    rows = read_rows(ledger)
+    assert [(r["run_id"], r["input_tokens"]) for r in rows] == [
+        ("01900000-0000-7000-8000-000000000001", 1),
+        ("01900000-0000-7000-8000-000000000002", 120),
+    ]
+
+
+def test_many_records_are_written_in_batches(backend_url: str) -> None:
+    ledger = Ledger(backend_url, batch_size=64)
+    for i in range(1000):
+        ledger.record(full_record(run_id=f"run-{i:05d}", total_tokens=i))
+    ledger.flush()
+
+    [stats] = ledger.query("SELECT COUNT(*) AS n, SUM(total_tokens) AS s FROM llm_calls")
+    assert (stats["n"], int(stats["s"])) == (1000, sum(range(1000)))
+    assert ledger.pending == 0
+    ledger.close()
+
+
+def test_rows_are_visible_to_another_connection_once_flush_returns(backend_url: str) -> None:
+    ledger = Ledger(backend_url)
+    ledger.record(full_record())
+    ledger.flush()
+
+    other = sa.create_engine(backend_url)
+    with other.connect() as conn:
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM llm_calls")).scalar() == 1
+    other.dispose()
+    ledger.close()
+
+
+def test_close_flushes_is_idempotent_and_refuses_new_records(backend_url: str) -> None:
+    ledger = Ledger(backend_url)
+    ledger.record(full_record())
+    ledger.close()
+    ledger.close()
+
+    with pytest.raises(LedgerError, match="closed"):
+        ledger.record(full_record(run_id="late"))
+    reader = Ledger(backend_url)
+    assert reader.query("SELECT COUNT(*) AS n FROM llm_calls") == [{"n": 1}]
+    reader.close()
+
+
+def test_overlong_names_are_clipped_and_flagged_not_lost(ledger: Ledger) -> None:
+    ledger.record(full_record(model="m" * 300))
+    ledger.flush()
+
+    [row] = read_rows(ledger)
+    assert row["model"] == "m" * 255
+    assert row["notes"] == ["total_mismatch", "truncated:model"]
+
+
+# -- bad input fails early -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not a url", "invalid ledger URL"),
+        ("nosuchdb://x/y", "no database driver"),
+        ("sqlite:////no/such/dir/ledger.db", "no directory"),
+        ("postgresql://postgres@127.0.0.1:1/test", "cannot open ledger"),
+        ("mysql://root@127.0.0.1:1/test", "cannot open ledger"),
+    ],
+)
+def test_a_bad_url_fails_when_the_ledger_is_created(url: str, message: str) -> None:
+    with pytest.raises(LedgerError, match=message):
+        Ledger(url)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_pending": 10, "batch_size": 100}, "max_pending"),
+        ({"linger": -1}, "linger"),
+    ],
+)
+def test_bad_arguments_fail_early(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Ledger("sqlite://", **kwargs)
+
+
+def test_driverless_urls_get_the_installed_drivers() -> None:
+    assert resolve_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
+    assert resolve_url("mysql://u@h/db").drivername == "mysql+pymysql"
+    assert resolve_url("mariadb://u@h/db").drivername == "mariadb+pymysql"
+    assert resolve_url("sqlite:///x.db").drivername == "sqlite"
+
+
+def test_default_url_is_env_then_local_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TOKENLEDGER_URL", raising=False)
+    assert resolve_url().render_as_string() == "sqlite:///tokenledger.db"
+    monkeypatch.setenv("TOKENLEDGER_URL", f"sqlite:///{tmp_path / 'env.db'}")
+    ledger = Ledger()
+    ledger.close()
+    assert (tmp_path / "env.db").exists()
+    assert not (tmp_path / "tokenledger.db").exists()
+
+
+# -- failures: retried, bounded, never silently dropped --------------------------------------
+
+
+def _hide_table(url: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE llm_calls RENAME TO llm_calls_hidden"))
+    engine.dispose()
+
+
+def _restore_table(url: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE llm_calls_hidden RENAME TO llm_calls"))
+    engine.dispose()
+
+
+def test_a_failed_batch_is_retried_until_the_database_recovers(
+    backend_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = Ledger(backend_url)
+    _hide_table(backend_url)
+    ledger.record(full_record())
+    with pytest.raises(LedgerError, match="1 records not written"):
+        ledger.flush(timeout=0.5)
+    assert ledger.pending == 1
+
+    _restore_table(backend_url)
+    ledger.flush()
+
+    assert ledger.query("SELECT COUNT(*) AS n FROM llm_calls") == [{"n": 1}]
+    assert any("retrying" in r.message for r in caplog.records)
+    assert any("recovered" in r.message for r in caplog.records)
+    ledger.close()
+
+
+def test_records_that_cannot_be_written_at_close_are_saved_and_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = Ledger(url, fallback_dir=tmp_path)
+    _hide_table(url)
+    ledger.record(full_record())
+    ledger.record(full_record(run_id="second"))
+
+    with caplog.at_level(logging.ERROR, logger="langchain_tokenledger"):
+        ledger.close(timeout=0.3)
+
+    [saved] = tmp_path.glob("tokenledger-unwritten-*.jsonl")
+    lines = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert sorted(r["run_id"] for r in lines) == ["01900000-0000-7000-8000-000000000001", "second"]
+    assert lines[0]["cost_usd"] == "0.000123456789"
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "2 LLM call records could not be written" in error.getMessage()
+    assert str(saved) in error.getMessage()
+
+
+def test_pending_records_are_bounded_by_back_pressure(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = Ledger(url, batch_size=2, max_pending=4)
+    _hide_table(url)
+    done = threading.Event()
+
+    def produce() -> None:
+        for i in range(10):
+            ledger.record(full_record(run_id=f"r{i}"))
+        done.set()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    # The writer holds one failing batch of 2 and the queue holds 4: the producer must wait.
+    assert not done.wait(1.0)
+    assert ledger.pending <= 2 + 4 + 1
+
+    _restore_table(url)
+    producer.join()
+    ledger.flush()
+    assert ledger.query("SELECT COUNT(*) AS n FROM llm_calls") == [{"n": 10}]
+    ledger.close()
+
+
+def test_interpreter_exit_flushes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    script = (
+        "from langchain_tokenledger import Ledger, UsageRecord\n"
+        f"ledger = Ledger({url!r})\n"
+        "for i in range(500):\n"
+        "    ledger.record(UsageRecord(run_id=f'r{i}', total_tokens=2))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+    reader = Ledger(url)
+    assert reader.query("SELECT COUNT(*) AS n, SUM(total_tokens) AS s FROM llm_calls") == [
+        {"n": 500, "s": 1000}
+    ]
+    reader.close()
