@@ -13,12 +13,13 @@ Example:
     >>> from langchain_tokenledger.testing import FakeOpenAIServer
     >>> with FakeOpenAIServer() as server:  # doctest: +SKIP
     ...     reply = server.chat_model().invoke("hello there")
-    ...     reply.usage_metadata["input_tokens"], server.totals()["calls"]
-    (12, 1)
+    ...     reply.content, reply.usage_metadata["total_tokens"], server.totals()["total_tokens"]
+    ('echo: hello there', 12, 12)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -267,10 +268,8 @@ class _HTTPServer(ThreadingHTTPServer):
         with self.connections_lock:
             sockets = list(self.open_connections)
         for sock in sockets:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -287,6 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         with self.server.connections_lock:
             self.server.open_connections.add(self.connection)
+        self.server.owner._count_connection()
 
     def finish(self) -> None:
         try:
@@ -387,7 +387,14 @@ class _Handler(BaseHTTPRequestHandler):
             request = json.loads(body or b"null")
         except ValueError:
             request = None
-        owner._received_request(request)
+        epoch = owner._begin(request)
+        try:
+            self._answer(request, epoch)
+        finally:
+            owner._end()
+
+    def _answer(self, request: Any, epoch: int) -> None:
+        owner = self.server.owner
         if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
             self._send_error_json(
                 400, "expected a JSON object with a 'messages' list", "invalid_request_error"
@@ -397,7 +404,7 @@ class _Handler(BaseHTTPRequestHandler):
         if owner.delay > 0:
             time.sleep(owner.delay)
         if script is not None and script.kind == "fail":
-            owner._count_failure()
+            owner._count_failure(epoch)
             headers: list[tuple[str, str]] = [("x-request-id", "req_fake")]
             if script.retry_after is not None:
                 headers.append(("retry-after-ms", str(int(script.retry_after * 1000))))
@@ -408,15 +415,17 @@ class _Handler(BaseHTTPRequestHandler):
         plan = owner._plan(request)
         cut_after = script.after_chunks if script is not None else None
         if request.get("stream"):
-            self._stream(plan, request, cut_after)
+            self._stream(plan, request, cut_after, epoch)
         elif cut_after is not None:
-            owner._count_failure()
+            owner._count_failure(epoch)
             self._send_json(200, owner._completion_json(plan), cut=True)
         else:
-            owner._record(plan.reported(streamed=False, usage_sent=True))
+            owner._record(plan.reported(streamed=False, usage_sent=True), epoch)
             self._send_json(200, owner._completion_json(plan))
 
-    def _stream(self, plan: _Plan, request: Mapping[str, Any], cut_after: int | None) -> None:
+    def _stream(
+        self, plan: _Plan, request: Mapping[str, Any], cut_after: int | None, epoch: int
+    ) -> None:
         owner = self.server.owner
         chunked = self.request_version == "HTTP/1.1"
         if not chunked:
@@ -492,13 +501,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._write(event([choice]))
                 sent += 1
         if cut_after is not None:
-            owner._count_failure()
+            owner._count_failure(epoch)
             self.close_connection = True  # hang up mid-body: no finish, no usage, no [DONE]
             return
 
         produced = plan.completion_tokens
         usage_sent = include_usage or cumulative
-        owner._record(plan.reported(streamed=True, usage_sent=usage_sent))
+        owner._record(plan.reported(streamed=True, usage_sent=usage_sent), epoch)
         tail = [
             event(
                 [
@@ -570,10 +579,12 @@ class FakeOpenAIServer:
     usage (prompt fixed, completion so far; reasoning tokens count from the first chunk), as some
     OpenAI-compatible servers do.
 
-    **When is a response billed?** When the server has generated it completely, whether or not the
-    client is still listening (like OpenAI): a non-streamed response just before it is written, a
-    stream just before its ``finish_reason`` chunk. So once the client has the full answer it is
-    already in :attr:`reported`. Scripted failures and cut streams are never billed.
+    **When is a response billed?** When the server has generated it completely: a non-streamed
+    response just before it is written (even if the client has already given up, as OpenAI
+    does), a stream just before its ``finish_reason`` chunk. So once the client has the full
+    answer it is already in :attr:`reported`. A stream whose client hangs up is abandoned at the
+    next write that fails, unbilled. Scripted failures and cut streams are never billed. The
+    server thread outlives a client that gives up: :meth:`wait_idle` waits for it.
 
     **Settings** (plain attributes, back to these defaults on :meth:`reset`):
     :attr:`reply` ``None``, :attr:`cached_tokens` ``0``, :attr:`reasoning_tokens` ``0``,
@@ -620,12 +631,15 @@ class FakeOpenAIServer:
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._reported_changed = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)
+        self._epoch = 0
+        self._in_flight = 0
         self._ids = count(1)
         self._reported: list[ReportedUsage] = []
         self._received: list[Any] = []
         self._requests = 0
         self._failures = 0
+        self._connections = 0
         self._scripts: deque[_Script] = deque()
         self._models_seen: dict[str, None] = {}
         self._set_defaults()
@@ -745,15 +759,20 @@ class FakeOpenAIServer:
 
     def _clear_records(self) -> None:
         with self._lock:
+            self._epoch += 1
             self._reported = []
             self._received = []
             self._requests = 0
             self._failures = 0
+            self._connections = 0
             self._scripts = deque()
             self._models_seen = {}
 
     def reset(self) -> None:
         """Forget everything: billed usage, counters, scripted failures, and settings.
+
+        Requests still being answered when ``reset()`` is called are not billed or counted
+        afterwards (see :meth:`wait_idle`).
 
         Example:
             >>> server = FakeOpenAIServer()
@@ -876,6 +895,17 @@ class FakeOpenAIServer:
             return self._failures
 
     @property
+    def connections(self) -> int:
+        """TCP connections accepted so far (keep-alive means far fewer than :attr:`requests`).
+
+        Example:
+            >>> FakeOpenAIServer().connections
+            0
+        """
+        with self._lock:
+            return self._connections
+
+    @property
     def received(self) -> list[Any]:
         """A copy of the JSON bodies of the chat-completion requests received, oldest first.
 
@@ -914,14 +944,33 @@ class FakeOpenAIServer:
             []
         """
         deadline = time.monotonic() + timeout
-        with self._reported_changed:
+        with self._changed:
             while len(self._reported) < count:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     msg = f"{len(self._reported)} responses billed, waited for {count}"
                     raise TimeoutError(msg)
-                self._reported_changed.wait(remaining)
+                self._changed.wait(remaining)
             return list(self._reported)
+
+    def wait_idle(self, timeout: float = 5.0) -> None:
+        """Block until no chat-completion request is being answered.
+
+        A client that gives up (timeout, cancellation) does not stop the server thread that is
+        answering it; call this before asserting on :attr:`reported` or reusing the server.
+        Raises ``TimeoutError`` if ``timeout`` seconds pass first.
+
+        Example:
+            >>> FakeOpenAIServer().wait_idle()
+        """
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._in_flight > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    msg = f"{self._in_flight} chat-completion requests still being answered"
+                    raise TimeoutError(msg)
+                self._changed.wait(remaining)
 
     # -- internals used by the handler threads -------------------------------------------
 
@@ -933,12 +982,20 @@ class FakeOpenAIServer:
             seen = list(self._models_seen)
         return list(dict.fromkeys(["gpt-4o-mini", "gpt-4o", *seen]))
 
-    def _received_request(self, request: Any) -> None:
+    def _begin(self, request: Any) -> int:
+        """Count a chat-completion request; returns the epoch it belongs to."""
         with self._lock:
+            self._in_flight += 1
             self._requests += 1
             self._received.append(request)
             if isinstance(request, dict) and isinstance(request.get("model"), str):
                 self._models_seen[request["model"]] = None
+            return self._epoch
+
+    def _end(self) -> None:
+        with self._changed:
+            self._in_flight -= 1
+            self._changed.notify_all()
 
     def _pop_script(self) -> _Script | None:
         with self._lock:
@@ -950,14 +1007,20 @@ class FakeOpenAIServer:
                 self._scripts.popleft()
             return head
 
-    def _count_failure(self) -> None:
+    def _count_connection(self) -> None:
         with self._lock:
-            self._failures += 1
+            self._connections += 1
 
-    def _record(self, usage: ReportedUsage) -> None:
-        with self._reported_changed:
-            self._reported.append(usage)
-            self._reported_changed.notify_all()
+    def _count_failure(self, epoch: int) -> None:
+        with self._lock:
+            if epoch == self._epoch:  # a request from before reset() leaves no trace
+                self._failures += 1
+
+    def _record(self, usage: ReportedUsage, epoch: int) -> None:
+        with self._changed:
+            if epoch == self._epoch:  # a request from before reset() leaves no trace
+                self._reported.append(usage)
+            self._changed.notify_all()
 
     def _plan(self, request: Mapping[str, Any]) -> _Plan:
         messages: list[Any] = [m for m in request["messages"] if isinstance(m, Mapping)]
@@ -1027,6 +1090,15 @@ class FakeOpenAIServer:
 # --------------------------------------------------------------------------------------------
 # In-process fakes
 # --------------------------------------------------------------------------------------------
+
+
+def _add_counts(into: dict[str, Any], counts: Mapping[str, Any]) -> None:
+    """``into += counts`` for OpenAI-style usage dicts (ints, possibly nested one level)."""
+    for key, value in counts.items():
+        if isinstance(value, Mapping):
+            _add_counts(into.setdefault(key, {}), value)
+        elif isinstance(value, int):
+            into[key] = into.get(key, 0) + value
 
 
 class FakeUsageChatModel(BaseChatModel):
@@ -1099,6 +1171,14 @@ class FakeUsageChatModel(BaseChatModel):
         if self.reasoning_tokens:
             token_usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
         return token_usage
+
+    def _combine_llm_outputs(self, llm_outputs: list[dict[str, Any] | None], /) -> dict[str, Any]:
+        """Sum ``token_usage`` over the prompts of a ``generate`` call, as ``ChatOpenAI`` does."""
+        token_usage: dict[str, Any] = {}
+        for output in llm_outputs:
+            if output is not None:
+                _add_counts(token_usage, output.get("token_usage") or {})
+        return {"model_name": self.model_name, "token_usage": token_usage}
 
     def _result(self) -> ChatResult:
         message = AIMessage(

@@ -17,8 +17,8 @@ import sqlalchemy as sa
 # Handler faults are logged and swallowed in users' apps; under the test suite they must raise.
 os.environ["TOKENLEDGER_STRICT"] = "1"
 
-from langchain_tokenledger import Ledger  # noqa: E402
-from langchain_tokenledger.testing import FakeOpenAIServer  # noqa: E402
+from langchain_tokenledger import Ledger
+from langchain_tokenledger.testing import FakeOpenAIServer
 
 BACKEND_ENV = {
     "postgresql": "TOKENLEDGER_TEST_POSTGRES_URL",
@@ -89,4 +89,5 @@ def openai_server(openai_session_server: FakeOpenAIServer) -> Iterator[FakeOpenA
     """The local OpenAI-compatible server, reset to defaults before each test."""
     openai_session_server.reset()
     yield openai_session_server
+    openai_session_server.wait_idle()  # requests abandoned by their client are still answered
     openai_session_server.reset()
