@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .context import UsageTracker, track_usage
+from .decorators import TrackedRunnable, tracked
 from .handler import TokenLedgerHandler
 from .records import ModelUsage, UsageRecord, UsageSummary
 from .schema import SCHEMA_VERSION
@@ -26,8 +28,12 @@ __all__ = [
     "LedgerError",
     "ModelUsage",
     "TokenLedgerHandler",
+    "TrackedRunnable",
     "UsageRecord",
     "UsageSummary",
+    "UsageTracker",
     "__version__",
     "default_ledger",
+    "track_usage",
+    "tracked",
 ]

@@ -7,12 +7,17 @@ A record is what the handler hands to the ledger; it maps one to one onto a row 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import operator
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, cast
+from uuid import UUID
+
+logger = logging.getLogger("langchain_tokenledger")
 
 Status = Literal["ok", "error", "cancelled"]
 """The outcome of an LLM call."""
@@ -73,12 +78,69 @@ class UsageRecord:
     under any inner run)."""
 
     def replace(self, **changes: Any) -> UsageRecord:
-        """Return a copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
+        """Return a copy with ``changes`` applied (like :func:`dataclasses.replace`, faster).
+
+        Example:
+            >>> UsageRecord(run_id="r1", model="a").replace(model="b").model
+            'b'
+        """
+        values = list(_all_values(self))
+        for name, value in changes.items():
+            index = _FIELD_INDEX.get(name)
+            if index is None:
+                raise TypeError(f"UsageRecord has no field {name!r}")
+            values[index] = value
+        return UsageRecord(*values)
 
 
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageRecord))
 """Column order of ``llm_calls``; the writer and the schema both follow it."""
+
+_FIELD_INDEX = {name: i for i, name in enumerate(RECORD_FIELDS)}
+_all_values = operator.attrgetter(*RECORD_FIELDS)
+
+
+class _Factory:
+    """Marks a field whose default comes from a factory (shown as ``<factory>``, as dataclasses do)."""
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+def _install_slot_init(cls: type) -> None:
+    """Give the frozen slots dataclass ``cls`` an ``__init__`` that fills the slots directly.
+
+    A frozen dataclass's generated ``__init__`` goes through ``object.__setattr__`` once per
+    field; the slot descriptors' own setters do the same work in less than half the time, and
+    the handler builds a record per LLM call (the writer a second one when it prices it). The
+    signature, the defaults and the immutability afterwards are those of the dataclass.
+    """
+    factory = _Factory()
+    namespace: dict[str, Any] = {"_factory": factory}
+    params: list[str] = []
+    body: list[str] = []
+    for f in dataclasses.fields(cls):
+        namespace[f"_set_{f.name}"] = getattr(cls, f.name).__set__
+        if f.default is not dataclasses.MISSING:
+            namespace[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        elif f.default_factory is not dataclasses.MISSING:
+            namespace[f"_make_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=_factory")
+            body.append(f"    if {f.name} is _factory:\n        {f.name} = _make_{f.name}()")
+        else:
+            params.append(f.name)
+        body.append(f"    _set_{f.name}(self, {f.name})")
+    source = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body) + "\n"
+    exec(source, namespace)
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__module__ = cls.__module__
+    init.__doc__ = cls.__init__.__doc__
+    cls.__init__ = init  # type: ignore[misc]
+
+
+_install_slot_init(UsageRecord)
 
 
 @dataclass(slots=True)
@@ -146,31 +208,58 @@ class UsageSummary:
     """Live totals of the calls seen by a :func:`track_usage` block (thread-safe).
 
     Reads like ``get_openai_callback()``'s handler, with per-model and per-root-run breakdowns.
+    Records arrive unpriced from the handler (pricing happens in the ledger's writer thread);
+    with ``price`` (``record -> priced record``) each one is priced once, when first read, so
+    :attr:`total_cost` equals the sum of the rows' ``cost_usd``.
 
     Example:
         >>> s = UsageSummary()
         >>> s.add(UsageRecord(run_id="r1", root_run_id="root", model="m", input_tokens=2,
         ...                   output_tokens=1, total_tokens=3))
+        True
         >>> s.total_tokens, s.by_model["m"].total_tokens, s.by_run["root"]["m"].prompt_tokens
         (3, 3, 2)
     """
 
-    def __init__(self, records: Iterable[UsageRecord] = ()) -> None:
+    def __init__(
+        self,
+        records: Iterable[UsageRecord] = (),
+        *,
+        price: Callable[[UsageRecord], UsageRecord] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._records: dict[str, UsageRecord] = {}
+        self._price = price
+        self._unpriced: set[str] = set()
         for record in records:
             self.add(record)
 
-    def add(self, record: UsageRecord) -> None:
-        """Count ``record`` (a second record with the same ``run_id`` replaces the first)."""
+    def add(self, record: UsageRecord) -> bool:
+        """Count ``record``; ``False`` if its ``run_id`` was already counted (it replaces it)."""
         with self._lock:
+            new = record.run_id not in self._records
             self._records[record.run_id] = record
+            if self._price is not None and record.cost_usd is None:
+                self._unpriced.add(record.run_id)
+            return new
 
     @property
     def records(self) -> list[UsageRecord]:
         """The calls seen, in the order they ended."""
         with self._lock:
+            if self._unpriced:
+                self._price_pending()
             return list(self._records.values())
+
+    def _price_pending(self) -> None:
+        assert self._price is not None
+        for run_id in self._unpriced:
+            record = self._records[run_id]
+            try:
+                self._records[run_id] = self._price(record)
+            except Exception:  # a live total must never break the caller; the row says why
+                logger.exception("pricing failed for run %s; counted unpriced", run_id)
+        self._unpriced.clear()
 
     def _total(self) -> ModelUsage:
         total = ModelUsage()
@@ -184,12 +273,12 @@ class UsageSummary:
         return _group(self.records)
 
     @property
-    def by_run(self) -> dict[str, dict[str, ModelUsage]]:
-        """Totals per root run id, then per model."""
+    def by_run(self) -> RunUsages:
+        """Totals per root run id (``str`` or ``UUID`` keys), then per model."""
         runs: dict[str, list[UsageRecord]] = {}
         for record in self.records:
             runs.setdefault(record.root_run_id or record.run_id, []).append(record)
-        return {run_id: _group(records) for run_id, records in runs.items()}
+        return RunUsages((run_id, _group(records)) for run_id, records in runs.items())
 
     @property
     def total_tokens(self) -> int:
@@ -260,6 +349,29 @@ class UsageSummary:
             f"Total Cost (USD): ${t.total_cost:f}",
         ]
         return "\n".join(lines)
+
+
+class RunUsages(dict[str, dict[str, ModelUsage]]):
+    """``{root_run_id: {model: ModelUsage}}`` that also accepts a ``UUID`` run id as the key.
+
+    Example:
+        >>> from uuid import UUID
+        >>> u = RunUsages({"0190c5e8-0000-7000-8000-000000000001": {}})
+        >>> UUID("0190c5e8-0000-7000-8000-000000000001") in u
+        True
+    """
+
+    def __missing__(self, key: object) -> dict[str, ModelUsage]:
+        if isinstance(key, UUID):
+            return self[str(key)]
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(str(key) if isinstance(key, UUID) else key)
+
+    def get(self, key: object, default: Any = None) -> Any:
+        """``dict.get`` that also accepts a ``UUID`` run id."""
+        return super().get(cast(str, str(key) if isinstance(key, UUID) else key), default)
 
 
 def _group(records: Iterable[UsageRecord]) -> dict[str, ModelUsage]:
