@@ -235,13 +235,18 @@ class UsageSummary:
             self.add(record)
 
     def add(self, record: UsageRecord) -> bool:
-        """Count ``record``; ``False`` if its ``run_id`` was already counted (it replaces it)."""
+        """Count ``record``; ``False`` if its ``run_id`` was already counted.
+
+        The first record of a run is kept, as the ledger's idempotent writes keep the first row,
+        so the live totals always equal the block's rows in SQL.
+        """
         with self._lock:
-            new = record.run_id not in self._records
+            if record.run_id in self._records:
+                return False
             self._records[record.run_id] = record
             if self._price is not None and record.cost_usd is None:
                 self._unpriced.add(record.run_id)
-            return new
+            return True
 
     @property
     def records(self) -> list[UsageRecord]:

@@ -8,8 +8,11 @@ with ``TOKENLEDGER_TEST_REQUIRE_BACKENDS=1`` a missing one fails instead of skip
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -91,3 +94,68 @@ def openai_server(openai_session_server: FakeOpenAIServer) -> Iterator[FakeOpenA
     yield openai_session_server
     openai_session_server.wait_idle()  # requests abandoned by their client are still answered
     openai_session_server.reset()
+
+
+@pytest.fixture
+def byte_encoding() -> Iterator[Any]:
+    """Estimates count one token per UTF-8 byte, for every model (a real, locally built encoding).
+
+    tiktoken cannot download OpenAI's encodings offline; this one needs no data file.
+    """
+    import tiktoken
+
+    from langchain_tokenledger import estimate
+
+    encoding = tiktoken.Encoding(
+        name="bytes",
+        pat_str=r"[\s\S]",
+        mergeable_ranks={bytes([i]): i for i in range(256)},
+        special_tokens={},
+    )
+    estimate.clear_encodings()
+    estimate.register_encoding("", encoding)
+    yield encoding
+    estimate.clear_encodings()
+
+
+class RefusingProxy:
+    """A local HTTP(S) proxy that counts the connections it gets and hangs up on each."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def offline_tiktoken(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[RefusingProxy]:
+    """tiktoken as on a machine without network: empty cache, every download refused."""
+    import tiktoken.registry
+
+    from langchain_tokenledger import estimate
+
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget encodings loaded online
+    proxy = RefusingProxy()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, proxy.url)
+    for name in ("NO_PROXY", "no_proxy"):  # the local OpenAI server stays reachable
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    estimate.clear_encodings()
+    yield proxy
+    estimate.clear_encodings()
+    proxy.close()
