@@ -2,7 +2,7 @@
 
 Most tests write a small hand-computed ledger (:func:`calls`) on every backend; one goes end to
 end through the real handler, ``ChatOpenAI`` and the local OpenAI-compatible server; the last
-one runs the Python session of docs/queries.md as a doctest.
+one runs the Python session of the README as a doctest.
 """
 
 from __future__ import annotations
@@ -44,7 +44,13 @@ from langchain_tokenledger.views import MEASURES, dialect_of
 
 UTC = timezone.utc
 T = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "queries.md"
+DOCS = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def docs_text() -> str:
+    """The README's query section (between its ``queries:start``/``queries:end`` markers)."""
+    text = DOCS.read_text(encoding="utf-8")
+    return text[text.index("<!-- queries:start") : text.index("<!-- queries:end -->")]
 
 
 def call(run_id: str, root: str, root_name: str, at: datetime, **kw: Any) -> UsageRecord:
@@ -587,10 +593,10 @@ def test_the_python_session_in_the_docs_runs_as_shown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    text = DOCS.read_text(encoding="utf-8")
+    text = docs_text()
     blocks = re.findall(r"```pycon\n(.*?)```", text, re.DOTALL)
     assert len(blocks) == 5
-    test = doctest.DocTestParser().get_doctest("\n".join(blocks), {}, "queries.md", str(DOCS), 0)
+    test = doctest.DocTestParser().get_doctest("\n".join(blocks), {}, "README.md", str(DOCS), 0)
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     runner.run(test)
     assert (runner.failures, runner.tries) == (0, len(test.examples))

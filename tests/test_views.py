@@ -1,4 +1,4 @@
-"""The SQL views, and every SQL query in docs/queries.md, on SQLite, PostgreSQL and MariaDB.
+"""The SQL views, and every SQL query in the README, on SQLite, PostgreSQL and MariaDB.
 
 One small, hand-computed ledger (:func:`write_calls`) is written on each backend; every view and
 every documented query must return exactly the rows worked out here by hand.
@@ -28,7 +28,13 @@ from langchain_tokenledger.views import (
     view_statements,
 )
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "queries.md"
+DOCS = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def docs_text() -> str:
+    """The README's query section (between its ``queries:start``/``queries:end`` markers)."""
+    text = DOCS.read_text(encoding="utf-8")
+    return text[text.index("<!-- queries:start") : text.index("<!-- queries:end -->")]
 UTC = timezone.utc
 
 # The first instant of the current UTC month: "this month" queries see the calls after it.
@@ -276,7 +282,7 @@ def test_metadata_keys_are_validated_before_they_reach_sql(key: str) -> None:
         check_metadata_key(key)
 
 
-# -- every SQL example of docs/queries.md ----------------------------------------------------
+# -- every SQL example of the README ----------------------------------------------------
 
 DIALECT_LABELS = {
     "SQLite": ("sqlite",),
@@ -287,14 +293,14 @@ DIALECT_LABELS = {
 
 
 def documented_queries() -> dict[tuple[str, str], str]:
-    """``{(title, dialect): sql}`` for every ```sql block of docs/queries.md.
+    """``{(title, dialect): sql}`` for every ```sql block of the README.
 
     A block's title is the nearest heading or bold ``**`name`**`` above it; its first line says
     which database it is for (``-- SQLite``, ``-- any database``, ...).
     """
     out: dict[tuple[str, str], str] = {}
     title, block = "", None
-    for line in DOCS.read_text(encoding="utf-8").splitlines():
+    for line in docs_text().splitlines():
         if block is not None:
             if line == "```":
                 label, *body = block
