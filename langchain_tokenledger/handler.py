@@ -21,10 +21,9 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage
-from langchain_core.outputs import LLMResult
+from langchain_core.outputs import ChatGenerationChunk, GenerationChunk, LLMResult
 
 from . import usage as _usage
-from .estimate import estimate_tokens
 from .records import Status, UsageRecord
 
 if TYPE_CHECKING:
@@ -67,15 +66,29 @@ def _guarded(method: F) -> F:
 
 
 class _Node:
-    """A run the handler has seen start and not yet end."""
+    """A run the handler has seen start and not yet end.
 
-    __slots__ = ("ancestry", "name", "root", "root_name", "seen")
+    Run ids are kept as text (``root``, ``parent``, ``key``), each converted once: ``str(UUID)``
+    is pure Python and a call would otherwise convert the same ids again at every level.
+    """
 
-    def __init__(self, root: UUID, root_name: str | None, ancestry: str, name: str | None) -> None:
+    __slots__ = ("ancestry", "key", "name", "parent", "root", "root_name", "seen")
+
+    def __init__(
+        self,
+        root: str,
+        root_name: str | None,
+        ancestry: str,
+        name: str | None,
+        parent: str | None = None,
+        key: str | None = None,
+    ) -> None:
         self.root = root
         self.root_name = root_name
         self.ancestry = ancestry
         self.name = name
+        self.parent = parent  # the parent run's id as text
+        self.key = key  # this run's id as text, once someone needed it
         self.seen = time.monotonic()
 
 
@@ -99,7 +112,29 @@ class _LLMRun:
         "tags",
     )
 
-    def __init__(self) -> None:
+    node: _Node
+
+    def __init__(
+        self,
+        started_wall: float,
+        started_mono: float,
+        parent: UUID | None,
+        name: str | None,
+        tags: list[str] | None,
+        metadata: Mapping[str, Any],
+        provider: str | None,
+        model_hint: str | None,
+        batch_size: int,
+    ) -> None:
+        self.started_wall = started_wall
+        self.started_mono = started_mono
+        self.parent = parent
+        self.name = name
+        self.tags = tags
+        self.metadata = metadata
+        self.provider = provider
+        self.model_hint = model_hint
+        self.batch_size = batch_size
         self.chunk_usages: list[Mapping[str, Any]] = []
         self.first_token: float | None = None
         self.messages: Sequence[BaseMessage] | None = None
@@ -192,11 +227,16 @@ class TokenLedgerHandler(BaseCallbackHandler):
 
     def _enter(self, run_id: UUID, parent_run_id: UUID | None, name: str | None) -> _Node:
         parent = self._nodes.get(parent_run_id) if parent_run_id is not None else None
-        if parent is None:
-            node = _Node(run_id, name, "", name)
+        if parent is None:  # a root, or a run whose parent started before this handler saw it
+            key = str(run_id)
+            pid = str(parent_run_id) if parent_run_id is not None else None
+            node = _Node(key, name, "", name, pid, key)
         else:
-            sep = "/" if parent.ancestry else ""
-            node = _Node(parent.root, parent.root_name, f"{parent.ancestry}{sep}{parent_run_id}", name)
+            pid = parent.key
+            if pid is None:
+                pid = parent.key = str(parent_run_id)
+            ancestry = f"{parent.ancestry}/{pid}" if parent.ancestry else pid
+            node = _Node(parent.root, parent.root_name, ancestry, name, pid)
         self._nodes[run_id] = node
         self._starts += 1
         return node
@@ -286,27 +326,30 @@ class TokenLedgerHandler(BaseCallbackHandler):
         parent_run_id: UUID | None,
         kwargs: Mapping[str, Any],
     ) -> _LLMRun:
-        run = _LLMRun()
-        run.started_wall = time.time()
-        run.started_mono = time.perf_counter()
-        run.parent = parent_run_id
-        run.name = _run_name(serialized, kwargs)
-        run.tags = kwargs.get("tags")
         meta = kwargs.get("metadata") or {}
-        run.metadata = meta
-        run.provider = meta.get("ls_provider")
         params = kwargs.get("invocation_params") or {}
-        run.model_hint = (
-            meta.get("ls_model_name") or params.get("model") or params.get("model_name")
+        name = _run_name(serialized, kwargs)
+        run = _LLMRun(
+            time.time(),
+            time.perf_counter(),
+            parent_run_id,
+            name,
+            kwargs.get("tags"),
+            meta,
+            meta.get("ls_provider"),
+            meta.get("ls_model_name") or params.get("model") or params.get("model_name"),
+            kwargs.get("batch_size") or 1,
         )
-        run.batch_size = kwargs.get("batch_size") or 1
         with self._lock:
-            run.node = self._enter(run_id, parent_run_id, run.name)
+            run.node = self._enter(run_id, parent_run_id, name)
             self._llm_runs[run_id] = run
-        self._maybe_sweep()
+        if self._starts % 1024 == 0:
+            self.evict_stale()
         return run
 
-    @_guarded
+    # The four LLM events catch their own faults (see _fault) rather than use @_guarded: they
+    # run on every call, and the decorator's *args/**kwargs re-packing costs about a microsecond.
+
     def on_chat_model_start(
         self,
         serialized: dict[str, Any],
@@ -317,10 +360,13 @@ class TokenLedgerHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Open an LLM call (chat model)."""
-        run = self._start_llm(serialized, run_id, parent_run_id, kwargs)
-        run.messages = messages[0] if messages else None
+        try:
+            run = self._start_llm(serialized, run_id, parent_run_id, kwargs)
+            run.messages = messages[0] if messages else None
+        except Exception:
+            if self._fault("on_chat_model_start"):
+                raise
 
-    @_guarded
     def on_llm_start(
         self,
         serialized: dict[str, Any],
@@ -331,10 +377,23 @@ class TokenLedgerHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Open an LLM call (completion-style model)."""
-        run = self._start_llm(serialized, run_id, parent_run_id, kwargs)
-        run.prompts = prompts
+        try:
+            run = self._start_llm(serialized, run_id, parent_run_id, kwargs)
+            run.prompts = prompts
+        except Exception:
+            if self._fault("on_llm_start"):
+                raise
 
-    def on_llm_new_token(self, token: str, *, run_id: UUID, chunk: Any = None, **kwargs: Any) -> None:
+    def on_llm_new_token(
+        self,
+        token: str | list[str | dict[str, Any]],
+        *,
+        chunk: GenerationChunk | ChatGenerationChunk | None = None,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Note the first token's time and any usage a chunk carries."""
         run = self._llm_runs.get(run_id)
         if run is None:
@@ -347,16 +406,27 @@ class TokenLedgerHandler(BaseCallbackHandler):
             if usage:
                 run.chunk_usages.append(usage)
 
-    @_guarded
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the call with status ``ok`` and its usage."""
-        self._finish(run_id, "ok", response, None, kwargs)
+        try:
+            self._finish(run_id, "ok", response, None, kwargs)
+        except Exception:
+            if self._fault("on_llm_end"):
+                raise
 
-    @_guarded
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Close the call with status ``error`` (or ``cancelled``) and any usage it carried."""
-        status: Status = "cancelled" if isinstance(error, _CANCELLED) else "error"
-        self._finish(run_id, status, kwargs.get("response"), error, kwargs)
+        try:
+            status: Status = "cancelled" if isinstance(error, _CANCELLED) else "error"
+            self._finish(run_id, status, kwargs.get("response"), error, kwargs)
+        except Exception:
+            if self._fault("on_llm_error"):
+                raise
+
+    def _fault(self, event: str) -> bool:
+        """Log the exception being handled; whether to re-raise it (strict mode), as _guarded."""
+        logger.exception("langchain-tokenledger: %s failed", event)
+        return self.raise_error
 
     def _finish(
         self,
@@ -389,33 +459,32 @@ class TokenLedgerHandler(BaseCallbackHandler):
         ended_mono: float,
         extra_notes: Sequence[str] = (),
     ) -> UsageRecord:
-        u = _usage.from_llm_result(response, chunk_usages=run.chunk_usages)
-        notes = list(u.notes)
-        notes.extend(extra_notes)
+        u = _usage.usage_for_call(
+            response,
+            status=status,
+            chunk_usages=run.chunk_usages,
+            batch_size=run.batch_size,
+            model_hint=run.model_hint,
+            prompts=run.prompts,
+            messages=run.messages,
+        )
+        notes = list(extra_notes)
         status_code = getattr(error, "status_code", None)
         if isinstance(status_code, int):
             notes.append(f"http_status:{status_code}")
-        model = u.model or run.model_hint
-        if model is None:
-            notes.append("no_model")
-        if u.source == "none" and run.batch_size > 1 and response is not None:
-            token_usage = (response.llm_output or {}).get("token_usage")
-            if token_usage is not None and not token_usage:
-                notes.append("usage_billed_on_first_prompt_of_batch")
-        elif u.source == "none" and not u.cache_hit:
-            self._estimate(u, run, response, model, notes)
-        if u.source == "none":
-            notes.append("usage_unknown")
+        notes.extend(u.notes)
+        model = u.model
         node = run.node
-        meta = run.metadata
-        merged_meta = dict(self.metadata)
-        for key, value in meta.items():
-            if not key.startswith(_INTERNAL_META):
-                merged_meta[key] = value
+        merged_meta = {
+            key: value for key, value in run.metadata.items() if not key.startswith(_INTERNAL_META)
+        }
+        if self.metadata:
+            merged_meta = {**self.metadata, **merged_meta}
         tags = list(self.tags)
-        for tag in run.tags or ():
-            if tag not in tags and not tag.startswith(_INTERNAL_TAG):
-                tags.append(tag)
+        if run.tags:
+            for tag in run.tags:
+                if tag not in tags and not tag.startswith(_INTERNAL_TAG):
+                    tags.append(tag)
         session_id = None
         for key in SESSION_KEYS:
             if merged_meta.get(key) is not None:
@@ -424,9 +493,9 @@ class TokenLedgerHandler(BaseCallbackHandler):
         user_id = merged_meta.get("user_id")
         latency = (ended_mono - run.started_mono) * 1000.0
         return UsageRecord(
-            run_id=str(run_id),
-            parent_run_id=str(run.parent) if run.parent is not None else None,
-            root_run_id=str(node.root),
+            run_id=node.key or str(run_id),
+            parent_run_id=node.parent,
+            root_run_id=node.root,
             root_name=node.root_name,
             run_name=run.name,
             provider=run.provider,
@@ -460,26 +529,6 @@ class TokenLedgerHandler(BaseCallbackHandler):
             notes=notes,
             ancestry=node.ancestry,
         )
-
-    def _estimate(
-        self,
-        u: _usage.Usage,
-        run: _LLMRun,
-        response: LLMResult | None,
-        model: str | None,
-        notes: list[str],
-    ) -> None:
-        """Fill ``u`` with tiktoken estimates when the provider reported nothing."""
-        prompt = _usage.prompt_text(run.prompts, run.messages)
-        inp = estimate_tokens(model, run.provider, prompt)
-        if inp is None:
-            return
-        out = estimate_tokens(model, run.provider, _usage.output_text(response))
-        if out is None:
-            return
-        u.input_tokens, u.output_tokens, u.total_tokens = inp, out, inp + out
-        u.source = "estimated"
-        notes.append("estimated_tiktoken")
 
     def _emit(self, record: UsageRecord) -> None:
         self.ledger.record(record)

@@ -101,7 +101,7 @@ _all_values = operator.attrgetter(*RECORD_FIELDS)
 
 
 class _Factory:
-    """Marks a field whose default comes from a factory (shown as ``<factory>``, as dataclasses do)."""
+    """Marks a field whose default comes from a factory (``<factory>``, as in dataclasses)."""
 
     def __repr__(self) -> str:
         return "<factory>"
@@ -136,7 +136,6 @@ def _install_slot_init(cls: type) -> None:
     init = namespace["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__module__ = cls.__module__
-    init.__doc__ = cls.__init__.__doc__
     cls.__init__ = init  # type: ignore[misc]
 
 

@@ -1,9 +1,10 @@
 """``Ledger``: owns the SQL engine and the background writer that batches rows into it.
 
-The callback path only calls :meth:`Ledger.record` (a queue put). One daemon thread per ledger
-drains the queue, prices the records, and writes them in multi-row, idempotent batches. A failed
-batch is retried with backoff and kept in memory (bounded); what still cannot be written at
-:meth:`Ledger.close` is saved to a JSON-lines file and reported loudly.
+The callback path only calls :meth:`Ledger.record` (an append to an in-memory queue, no I/O).
+One daemon thread per ledger drains the queue, prices the records, and writes them in multi-row,
+idempotent batches. A failed batch is retried with backoff and kept in memory (bounded); what
+still cannot be written at :meth:`Ledger.close` is saved to a JSON-lines file and reported
+loudly.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
@@ -29,12 +31,18 @@ from sqlalchemy.pool import StaticPool
 
 from .records import UsageRecord
 from .schema import create_schema
-from .writers import BatchWriter, writer_for
+from .usage import priced_usage
+from .writers import BatchWriter, Price, Row, writer_for
 
 if TYPE_CHECKING:
     from .pricing import Pricer
+    from .query import SummaryRow, When
 
 logger = logging.getLogger("langchain_tokenledger")
+
+_Prepared = tuple[list[UsageRecord], list["Price"], "list[Row] | Exception"]
+_SLICE = 32  # records priced and serialized between two GIL releases (measured best)
+"""A batch on its way to the database: records, their prices, and their rows (or why not)."""
 
 DEFAULT_URL = "sqlite:///tokenledger.db"
 URL_ENV = "TOKENLEDGER_URL"
@@ -176,10 +184,17 @@ class Ledger:
         self.linger = linger
         self.fallback_dir = Path(fallback_dir) if fallback_dir is not None else Path.cwd()
         self._writer: BatchWriter = writer_for(self.engine)
-        self._queue: queue.Queue[UsageRecord | None] = queue.Queue(maxsize=max_pending)
-        self._cv = threading.Condition()
+        self.max_pending = max_pending
+        # The hot path appends under a plain lock (a C-level acquire, no Condition) and wakes
+        # the writer only when it sleeps; flush() and back-pressure wait on _cv.
+        self._items: deque[UsageRecord] = deque()
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
         self._enqueued = 0
         self._done = 0
+        self._executing = 0  # records of the batch the database is being sent right now
+        self._writer_idle = False
+        self._wake = threading.Event()
         self._flush_wanted = threading.Event()
         self._closing = threading.Event()
         self._closed = False
@@ -187,10 +202,13 @@ class Ledger:
         self._failing_since: float | None = None
         self._last_error: BaseException | None = None
         self._full_warned = False
-        self._thread = threading.Thread(
-            target=self._run, name="tokenledger-writer", daemon=True
-        )
+        # Two threads: one prices and serializes batch N+1 (CPU, holds the GIL) while the
+        # other waits on the database for batch N (GIL released); at most one batch between.
+        self._prepared: queue.Queue[_Prepared | None] = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._run, name="tokenledger-writer", daemon=True)
+        self._io_thread = threading.Thread(target=self._run_io, name="tokenledger-io", daemon=True)
         self._thread.start()
+        self._io_thread.start()
         _live.add(self)
         _register_atexit()
 
@@ -209,19 +227,27 @@ class Ledger:
         """Queue ``record`` for writing (no I/O; waits only when ``max_pending`` is reached)."""
         if self._closed:
             raise LedgerError(f"{self!r} is closed")
-        with self._cv:
+        if self._enqueued - self._done - self._executing >= self.max_pending:
+            self._wait_for_room()
+        with self._lock:
             self._enqueued += 1
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            if not self._full_warned:
-                self._full_warned = True
-                logger.warning(
-                    "%r: %d records waiting to be written; callers now wait for the writer",
-                    self,
-                    self._queue.maxsize,
-                )
-            self._queue.put(record)
+            self._items.append(record)
+        if self._writer_idle:
+            self._wake.set()
+
+    def _wait_for_room(self) -> None:
+        if not self._full_warned:
+            self._full_warned = True
+            logger.warning(
+                "%r: %d records waiting to be written; callers now wait for the writer",
+                self,
+                self.max_pending,
+            )
+        with self._cv:
+            while self._enqueued - self._done - self._executing >= self.max_pending:
+                if self._closed:
+                    return
+                self._cv.wait(0.1)
 
     def record_many(self, records: Sequence[UsageRecord]) -> None:
         """Queue several records."""
@@ -233,7 +259,7 @@ class Ledger:
     @property
     def pending(self) -> int:
         """Records queued or being written, not yet committed."""
-        with self._cv:
+        with self._lock:
             return self._enqueued - self._done
 
     def flush(self, timeout: float | None = None) -> None:
@@ -247,6 +273,7 @@ class Ledger:
             if self._done >= target:
                 return
             self._flush_wanted.set()
+            self._wake.set()
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._done < target:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -268,8 +295,10 @@ class Ledger:
         self._closed = True
         self._closing_deadline = time.monotonic() + timeout
         self._flush_wanted.set()
-        self._queue.put(None)
+        self._wake.set()
+        deadline = time.monotonic() + timeout + 5
         self._thread.join(timeout + 5)
+        self._io_thread.join(max(0.0, deadline - time.monotonic()))
         self._writer.close()
         self.engine.dispose()
         _live.discard(self)
@@ -278,54 +307,81 @@ class Ledger:
 
     def _take_batch(self) -> list[UsageRecord] | None:
         """Block for the next batch; ``None`` once close() has been called and all is taken."""
-        item = self._queue.get()
-        if item is None:
-            return None
-        batch = [item]
-        deadline = time.monotonic() + self.linger
-        while len(batch) < self.batch_size:
-            try:
-                nxt = self._queue.get_nowait()
-            except queue.Empty:
-                if self._flush_wanted.is_set() or self._closed:
-                    break
-                wait = deadline - time.monotonic()
-                if wait <= 0:
-                    break
-                try:
-                    nxt = self._queue.get(timeout=wait)
-                except queue.Empty:
-                    break
-            if nxt is None:
-                self._queue.put(None)  # seen again after this batch: the stop signal
-                break
-            batch.append(nxt)
-        return batch
+        items = self._items
+        while not items:
+            if self._closed:
+                return None
+            # Announce the sleep, then look again: a record appended before the announcement
+            # is seen here, one appended after it sets _wake (see record()).
+            self._writer_idle = True
+            if not items and not self._closed:
+                self._wake.wait()
+            self._wake.clear()
+            self._writer_idle = False
+        if len(items) < self.batch_size and not self._closed:
+            self._flush_wanted.wait(self.linger)  # let a batch build up; flush/close cut it short
+        popleft = items.popleft
+        return [popleft() for _ in range(min(len(items), self.batch_size))]
 
     def _run(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                self._drain_after_close()
-                return
-            self._write_until_done(batch)
+        try:
+            while True:
+                batch = self._take_batch()
+                if batch is None:
+                    self._drain_after_close()
+                    return
+                self._prepared.put(self._prepare(batch))
+        finally:
+            self._prepared.put(None)
 
-    def _price(self, batch: list[UsageRecord]) -> list[UsageRecord]:
-        out: list[UsageRecord] = []
+    def _prepare(self, batch: list[UsageRecord]) -> _Prepared:
+        prices: list[Price] = []
+        rows: list[Row] | Exception = []
+        for start in range(0, len(batch), _SLICE):
+            part = batch[start : start + _SLICE]
+            part_prices = self._price(part)
+            prices += part_prices
+            if isinstance(rows, list):
+                try:
+                    rows += self._writer.prepare(part, part_prices)
+                except Exception as exc:  # a bug, not bad data (to_row never fails on a value)
+                    logger.exception("%r: serializing %d rows failed", self, len(batch))
+                    rows = exc
+            # Pure Python holds the GIL until the interpreter forces a switch (5 ms): let a
+            # thread that waits for it (the I/O thread between statements, the app) in now.
+            time.sleep(0)
+        return batch, prices, rows
+
+    def _run_io(self) -> None:
+        while True:
+            item = self._prepared.get()
+            if item is None:
+                return
+            with self._cv:
+                self._executing = len(item[0])
+                self._cv.notify_all()  # that batch no longer counts against max_pending
+            self._write_until_done(*item)
+
+    def _price(self, batch: list[UsageRecord]) -> list[Price]:
+        pricer = self.pricer
+        out: list[Price] = []
         for r in batch:
             try:
-                out.append(price_record(self.pricer, r))
+                out.append(price_of(pricer, r))
             except Exception:  # pricing must never cost a row
                 logger.exception("pricing failed for run %s; written unpriced", r.run_id)
-                out.append(r.replace(notes=[*r.notes, "pricing_failed"]))
+                out.append((r.cost_usd, r.price_source, [*r.notes, "pricing_failed"]))
         return out
 
-    def _write_until_done(self, batch: list[UsageRecord]) -> None:
-        batch = self._price(batch)
+    def _write_until_done(
+        self, batch: list[UsageRecord], prices: list[Price], rows: list[Row] | Exception
+    ) -> None:
         attempt = 0
         while True:
             try:
-                self._writer.write(batch)
+                if isinstance(rows, Exception):
+                    raise rows.with_traceback(None)
+                self._writer.execute(rows)
             except Exception as exc:
                 attempt += 1
                 self._last_error = exc
@@ -340,7 +396,13 @@ class Ledger:
                         exc,
                     )
                 if self._closed and time.monotonic() >= self._closing_deadline:
-                    self._save_unwritten(batch, exc)
+                    self._save_unwritten(
+                        [
+                            r.replace(cost_usd=cost, price_source=source, notes=notes)
+                            for r, (cost, source, notes) in zip(batch, prices, strict=True)
+                        ],
+                        exc,
+                    )
                     break
                 time.sleep(min(0.05 * 2**attempt, 2.0))
                 continue
@@ -350,21 +412,18 @@ class Ledger:
             break
         with self._cv:
             self._done += len(batch)
+            self._executing = 0
             if self._done >= self._enqueued:
                 self._flush_wanted.clear()
             self._cv.notify_all()
 
     def _drain_after_close(self) -> None:
+        # Records appended by a record() call that raced with close().
         rest: list[UsageRecord] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                rest.append(item)
+        while self._items:
+            rest.append(self._items.popleft())
         for start in range(0, len(rest), self.batch_size):
-            self._write_until_done(rest[start : start + self.batch_size])
+            self._prepared.put(self._prepare(rest[start : start + self.batch_size]))
 
     def _save_unwritten(self, batch: Sequence[UsageRecord], exc: BaseException) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -387,10 +446,13 @@ class Ledger:
     # -- reading (see query.py) ----------------------------------------------------------
 
     def query(self, sql: str, **params: Any) -> list[dict[str, Any]]:
-        """Run a read-only SQL statement with bound parameters; rows as dicts.
+        """Run one read-only SQL statement with bound ``:name`` parameters; rows as dicts.
+
+        Writes and multiple statements are refused (:class:`~.query.QueryError`).
 
         Example:
-            >>> ledger.query("SELECT COUNT(*) AS n FROM llm_calls WHERE model = :m", m="x")  # doctest: +SKIP
+            >>> sql = "SELECT COUNT(*) AS n FROM llm_calls WHERE model = :m"
+            >>> ledger.query(sql, m="gpt-4o-mini")  # doctest: +SKIP
             [{'n': 0}]
         """
         from .query import run_query
@@ -402,19 +464,40 @@ class Ledger:
 
         Returns the ``{model_name: {prompt_tokens, completion_tokens, total_tokens,
         successful_requests, total_cost, ...}}`` shape users build by hand today.
+
+        Example:
+            >>> ledger.usage(run_id)["gpt-4o-mini"]["total_tokens"]  # doctest: +SKIP
+            42
         """
         from .query import usage_for_run
 
-        return usage_for_run(self.engine, str(run_id))
+        return usage_for_run(self.engine, run_id)
 
-    def summary(self, by: Sequence[str] | str = ("model",), **filters: Any) -> list[Any]:
-        """Grouped totals; see :func:`langchain_tokenledger.query.summarize`."""
+    def summary(
+        self,
+        by: Sequence[str] | str = ("model",),
+        *,
+        since: When | None = None,
+        until: When | None = None,
+        tags: Iterable[str] | str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> list[SummaryRow]:
+        """Totals grouped by ``by``; see :func:`langchain_tokenledger.query.summarize`.
+
+        Example:
+            >>> [(r["model"], r.cost_usd) for r in ledger.summary(since="7d")]  # doctest: +SKIP
+            [('gpt-4o', Decimal('0.0125')), ('gpt-4o-mini', Decimal('0.00042'))]
+        """
         from .query import summarize
 
-        return summarize(self.engine, by=by, **filters)
+        return summarize(self.engine, by=by, since=since, until=until, tags=tags, metadata=metadata)
 
     def to_pandas(self, sql: str | None = None, **params: Any) -> Any:
-        """A ``pandas.DataFrame`` of ``llm_calls`` (or of ``sql``); needs the ``pandas`` extra."""
+        """A ``pandas.DataFrame`` of ``llm_calls`` (or of ``sql``); needs the ``pandas`` extra.
+
+        Example:
+            >>> ledger.to_pandas().groupby("model")["cost_usd"].sum()  # doctest: +SKIP
+        """
         from .query import to_pandas
 
         return to_pandas(self.engine, sql, params)
@@ -430,30 +513,42 @@ class Ledger:
 def price_record(pricer: Pricer, record: UsageRecord) -> UsageRecord:
     """``record`` with ``cost_usd``/``price_source`` filled, or the reason for none in ``notes``.
 
-    Rules: an LLM-cache hit costs 0; a row with provider usage is priced from ``usage_details``
-    (so tier and cache details count); an estimated row from its token columns; a row with
-    unknown usage stays NULL (its ``usage_unknown`` note says why).
+    The rules are :func:`price_of`'s.
+    """
+    cost, source, notes = price_of(pricer, record)
+    if cost is record.cost_usd and source is record.price_source and notes is record.notes:
+        return record
+    return record.replace(cost_usd=cost, price_source=source, notes=notes)
+
+
+def price_of(pricer: Pricer, record: UsageRecord) -> Price:
+    """``(cost_usd, price_source, notes)`` of ``record``: what :func:`price_record` fills in.
+
+    Rules: an LLM-cache hit costs 0; any other row is priced from
+    :func:`langchain_tokenledger.usage.priced_usage` at the prices in force when the call
+    started, or stays NULL (its notes say why). A record that already has a cost keeps it.
+    (The writer thread uses this form: it writes the price into the row without building a
+    priced copy of the record.)
+
+    Example:
+        >>> from langchain_tokenledger.pricing import Pricer
+        >>> price_of(Pricer(), UsageRecord(run_id="r1", cache_hit=True))[0]
+        Decimal('0')
     """
     if record.cost_usd is not None:
-        return record
+        return record.cost_usd, record.price_source, record.notes
     if record.cache_hit:
-        return record.replace(cost_usd=Decimal(0), price_source=pricer.version)
-    if record.usage_source == "none" or record.input_tokens is None:
-        return record
-    usage: Mapping[str, Any]
-    if record.usage_source == "provider" and record.usage_details:
-        usage = record.usage_details
-    else:
-        usage = {
-            "input_tokens": record.input_tokens,
-            "output_tokens": record.output_tokens or 0,
-            "total_tokens": record.total_tokens or 0,
-        }
-    result = pricer.price(model=record.model, provider=record.provider, usage=usage)
+        return Decimal(0), pricer.version, record.notes
+    usage = priced_usage(record)
+    if usage is None:
+        return None, record.price_source, record.notes
+    result = pricer.price(
+        model=record.model, provider=record.provider, usage=usage, when=record.started_at
+    )
     notes = record.notes
     if result.notes:
         notes = [*notes, *(n for n in result.notes if n not in notes)]
-    return record.replace(cost_usd=result.cost_usd, price_source=result.price_source, notes=notes)
+    return result.cost_usd, result.price_source, notes
 
 
 def _json_default(value: Any) -> Any:

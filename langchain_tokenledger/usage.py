@@ -122,7 +122,7 @@ _TIER_KEYS = {
 
 def _detail_sum(details: Any, key: str, notes: list[str]) -> int | None:
     """``key`` plus its service-tier variants (``priority_<key>``, ``flex_<key>``), if present."""
-    if not isinstance(details, Mapping):
+    if details is None or not isinstance(details, Mapping):  # None first: an ABC check is slow
         return None
     total: int | None = None
     for name in _TIER_KEYS[key]:
@@ -573,7 +573,7 @@ def _plain(value: Any) -> Any:
     """A JSON-ready copy of a usage mapping (TypedDicts and nested details become plain dicts)."""
     if type(value) is int or value is None or type(value) is str:  # the usual leaves, first
         return value
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):  # dict first: an ABC check is slow
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]

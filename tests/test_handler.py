@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from uuid import uuid4
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from uuid import uuid4
 
 import pytest
 import sqlalchemy as sa
@@ -381,4 +381,3 @@ def test_runs_that_never_end_are_evicted_and_written_as_cancelled(
 def test_stale_after_must_be_positive(sqlite_ledger: Ledger) -> None:
     with pytest.raises(ValueError, match="stale_after"):
         TokenLedgerHandler(sqlite_ledger, stale_after=0)
-

@@ -117,7 +117,9 @@ def test_a_record_round_trips_exactly(ledger: Ledger) -> None:
 
 def test_unknown_usage_is_null_not_zero(ledger: Ledger) -> None:
     ledger.record(
-        UsageRecord(run_id="r-none", status="error", error_type="RateLimitError", usage_source="none")
+        UsageRecord(
+            run_id="r-none", status="error", error_type="RateLimitError", usage_source="none"
+        )
     )
     ledger.flush()
 

@@ -35,6 +35,8 @@ def docs_text() -> str:
     """The README's query section (between its ``queries:start``/``queries:end`` markers)."""
     text = DOCS.read_text(encoding="utf-8")
     return text[text.index("<!-- queries:start") : text.index("<!-- queries:end -->")]
+
+
 UTC = timezone.utc
 
 # The first instant of the current UTC month: "this month" queries see the calls after it.
