@@ -208,6 +208,11 @@ class TokenLedgerHandler(BaseCallbackHandler):
         self._nodes: dict[UUID, _Node] = {}
         self._llm_runs: dict[UUID, _LLMRun] = {}
         self._starts = 0
+        self._next_sweep = time.monotonic() + min(60.0, stale_after)
+        # Closing the ledger then writes our in-flight calls (a stand-in sink may not do that).
+        handlers = getattr(ledger, "_handlers", None)
+        if handlers is not None:
+            handlers.add(self)
 
     def __repr__(self) -> str:
         return f"TokenLedgerHandler(ledger={self.ledger!r}, in_flight={len(self._llm_runs)})"
@@ -242,7 +247,9 @@ class TokenLedgerHandler(BaseCallbackHandler):
         return node
 
     def _maybe_sweep(self) -> None:
-        if self._starts % 1024 == 0:
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + min(60.0, self.stale_after)
             self.evict_stale()
 
     def _leave(self, run_id: UUID) -> None:
@@ -298,16 +305,20 @@ class TokenLedgerHandler(BaseCallbackHandler):
         self._leave(run_id)
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        """Forget the chain."""
+        """Forget the chain; a cancellation also ends the LLM calls it was waiting on."""
         self._leave(run_id)
+        if isinstance(error, _CANCELLED) and self._llm_runs:
+            self._cancel_children(run_id)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Forget the tool."""
         self._leave(run_id)
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        """Forget the tool."""
+        """Forget the tool; a cancellation also ends the LLM calls it was waiting on."""
         self._leave(run_id)
+        if isinstance(error, _CANCELLED) and self._llm_runs:
+            self._cancel_children(run_id)
 
     def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Forget the retriever."""
@@ -541,29 +552,59 @@ class TokenLedgerHandler(BaseCallbackHandler):
         """Drop the state of runs older than ``stale_after`` that never ended.
 
         LLM calls among them are written as ``cancelled`` with the note ``evicted_without_end``
-        (nothing is dropped silently). Runs by itself every 1024 run starts; returns how many LLM
-        calls it wrote.
+        (nothing is dropped silently). Runs by itself at most once a minute, on a run start;
+        returns how many LLM calls it wrote.
 
         Example:
             >>> handler.evict_stale()  # doctest: +SKIP
             0
         """
+        cutoff = time.monotonic() - self.stale_after
         with self._lock:
-            cutoff = time.monotonic() - self.stale_after
             stale = [rid for rid, node in self._nodes.items() if node.seen < cutoff]
-            runs: list[tuple[UUID, _LLMRun]] = []
-            for rid in stale:
-                del self._nodes[rid]
+        return self._end_runs(stale, "evicted_without_end")
+
+    def close_in_flight(self, note: str = "unfinished_at_close") -> int:
+        """Write every LLM call still in flight as ``cancelled`` with ``note``.
+
+        The ledger calls this when it closes (and so at interpreter exit): a call whose end
+        LangChain never reported (a cancelled ``ainvoke``) still leaves its row.
+
+        Example:
+            >>> handler.close_in_flight()  # doctest: +SKIP
+            0
+        """
+        with self._lock:
+            runs = list(self._nodes)
+        return self._end_runs(runs, note)
+
+    def _cancel_children(self, parent_run_id: UUID) -> None:
+        """End the in-flight LLM calls under a cancelled run (LangChain reports no end for a
+        chat model call cancelled while awaiting its provider)."""
+        key = str(parent_run_id)
+        with self._lock:
+            children = [
+                rid
+                for rid, run in self._llm_runs.items()
+                if run.parent == parent_run_id or key in run.node.ancestry
+            ]
+        self._end_runs(children, "cancelled_with_parent", evict_nodes=False)
+
+    def _end_runs(self, run_ids: list[UUID], note: str, *, evict_nodes: bool = True) -> int:
+        runs: list[tuple[UUID, _LLMRun]] = []
+        with self._lock:
+            for rid in run_ids:
+                if evict_nodes:
+                    self._nodes.pop(rid, None)
                 run = self._llm_runs.pop(rid, None)
                 if run is not None:
+                    self._nodes.pop(rid, None)
                     runs.append((rid, run))
-        if runs:
-            logger.warning("evicting %d LLM runs that never ended", len(runs))
+        if runs and note != "cancelled_with_parent":
+            logger.warning(
+                "%d LLM calls never reported their end: written as cancelled (%s)", len(runs), note
+            )
         now = time.perf_counter()
         for rid, run in runs:
-            self._emit(
-                self._build(
-                    rid, run, "cancelled", None, None, now, extra_notes=("evicted_without_end",)
-                )
-            )
+            self._emit(self._build(rid, run, "cancelled", None, None, now, extra_notes=(note,)))
         return len(runs)

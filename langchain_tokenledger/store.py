@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 import weakref
@@ -35,6 +37,7 @@ from .usage import priced_usage
 from .writers import BatchWriter, Price, Row, writer_for
 
 if TYPE_CHECKING:
+    from .handler import TokenLedgerHandler
     from .pricing import Pricer
     from .query import SummaryRow, When
 
@@ -87,7 +90,7 @@ def _create_engine(url: sa.URL, engine_kwargs: Mapping[str, Any]) -> sa.Engine:
     kwargs: dict[str, Any] = dict(engine_kwargs)
     if url.get_backend_name() == "sqlite":
         database = url.database or ""
-        if database in ("", ":memory:") or url.query.get("mode") == "memory":
+        if _is_memory_sqlite(url):
             kwargs.setdefault("poolclass", StaticPool)
         else:
             parent = Path(database).expanduser().resolve().parent
@@ -105,6 +108,24 @@ def _create_engine(url: sa.URL, engine_kwargs: Mapping[str, Any]) -> sa.Engine:
     if url.get_backend_name() == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def _is_memory_sqlite(url: sa.URL) -> bool:
+    return url.get_backend_name() == "sqlite" and (
+        (url.database or "") in ("", ":memory:") or url.query.get("mode") == "memory"
+    )
+
+
+def _memory_as_temp_file(url: sa.URL) -> tuple[sa.URL, Path | None]:
+    """An in-memory SQLite ledger is backed by a temporary file, removed when it closes.
+
+    One in-memory connection shared by the writer thread and readers would let a read roll
+    back a batch being written; a file gives each its own connection, as for any ledger.
+    """
+    if not _is_memory_sqlite(url):
+        return url, None
+    tempdir = Path(tempfile.mkdtemp(prefix="tokenledger-"))
+    return url.set(database=str(tempdir / "ledger.db"), query={}), tempdir
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -171,7 +192,8 @@ class Ledger:
 
         self.pricer: Pricer = Pricer(prices)
         self.url = resolve_url(url)
-        self.engine = _create_engine(self.url, engine_kwargs or {})
+        engine_url, self._tempdir = _memory_as_temp_file(self.url)
+        self.engine = _create_engine(engine_url, engine_kwargs or {})
         try:
             create_schema(self.engine)
         except SQLAlchemyError as exc:
@@ -209,6 +231,7 @@ class Ledger:
         self._io_thread = threading.Thread(target=self._run_io, name="tokenledger-io", daemon=True)
         self._thread.start()
         self._io_thread.start()
+        self._handlers: weakref.WeakSet[TokenLedgerHandler] = weakref.WeakSet()
         _live.add(self)
         _register_atexit()
 
@@ -226,7 +249,10 @@ class Ledger:
     def record(self, record: UsageRecord) -> None:
         """Queue ``record`` for writing (no I/O; waits only when ``max_pending`` is reached)."""
         if self._closed:
-            raise LedgerError(f"{self!r} is closed")
+            # Never lose a call: a record arriving after close() goes to the fallback file.
+            error = LedgerError(f"{self!r} is closed; the record was saved to a fallback file")
+            self._save_unwritten([record], error)
+            raise error
         if self._enqueued - self._done - self._executing >= self.max_pending:
             self._wait_for_room()
         with self._lock:
@@ -292,6 +318,11 @@ class Ledger:
         """
         if self._closed:
             return
+        for handler in list(self._handlers):
+            try:
+                handler.close_in_flight()
+            except Exception:  # closing must go on; the fault is logged
+                logger.exception("%r: closing a handler's in-flight calls failed", self)
         self._closed = True
         self._closing_deadline = time.monotonic() + timeout
         self._flush_wanted.set()
@@ -301,6 +332,8 @@ class Ledger:
         self._io_thread.join(max(0.0, deadline - time.monotonic()))
         self._writer.close()
         self.engine.dispose()
+        if self._tempdir is not None:
+            shutil.rmtree(self._tempdir, ignore_errors=True)
         _live.discard(self)
 
     # -- the writer thread ---------------------------------------------------------------

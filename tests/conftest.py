@@ -65,9 +65,9 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def ledger(backend_url: str) -> Iterator[Ledger]:
+def ledger(backend_url: str, tmp_path: Path) -> Iterator[Ledger]:
     """A ledger on each backend in turn."""
-    led = Ledger(backend_url)
+    led = Ledger(backend_url, fallback_dir=tmp_path)
     yield led
     led.close()
 
@@ -75,7 +75,7 @@ def ledger(backend_url: str) -> Iterator[Ledger]:
 @pytest.fixture
 def sqlite_ledger(tmp_path: Path) -> Iterator[Ledger]:
     """A ledger on a fresh SQLite file (for tests whose subject is not the database)."""
-    led = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    led = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}", fallback_dir=tmp_path)
     yield led
     led.close()
 

@@ -381,3 +381,56 @@ def test_runs_that_never_end_are_evicted_and_written_as_cancelled(
 def test_stale_after_must_be_positive(sqlite_ledger: Ledger) -> None:
     with pytest.raises(ValueError, match="stale_after"):
         TokenLedgerHandler(sqlite_ledger, stale_after=0)
+
+
+async def _wait_in_flight(handler: TokenLedgerHandler, count: int) -> None:
+    for _ in range(500):
+        if handler.in_flight == count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{handler.in_flight} calls in flight, expected {count}")
+
+
+async def test_a_cancelled_chain_ends_its_llm_call_as_cancelled(
+    openai_server: FakeOpenAIServer, handler: TokenLedgerHandler
+) -> None:
+    openai_server.delay = 2.0
+    chain = ChatPromptTemplate.from_messages([("user", "{q}")]) | openai_server.chat_model(MODEL)
+    task = asyncio.ensure_future(chain.ainvoke({"q": "slow"}, {"callbacks": [handler]}))
+    await _wait_in_flight(handler, 1)
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    [row] = rows(handler.ledger)
+    assert (row["status"], row["usage_source"], row["input_tokens"]) == ("cancelled", "none", None)
+    assert row["notes"] == ["cancelled_with_parent", "usage_unknown"]
+    assert row["root_name"] == "RunnableSequence"
+    assert handler.in_flight == 0
+
+
+async def test_a_call_that_never_ends_is_written_when_the_ledger_closes(
+    openai_server: FakeOpenAIServer, tmp_path: Any
+) -> None:
+    url = f"sqlite:///{tmp_path / 'closing.db'}"
+    ledger = Ledger(url)
+    handler = TokenLedgerHandler(ledger)
+    openai_server.delay = 2.0
+    task = asyncio.ensure_future(
+        openai_server.chat_model(MODEL).ainvoke("slow", {"callbacks": [handler]})
+    )
+    await _wait_in_flight(handler, 1)
+    task.cancel()  # langchain-core reports no end event for a bare cancelled ainvoke
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert handler.in_flight == 1
+
+    await asyncio.to_thread(ledger.close)
+
+    reader = Ledger(url)
+    [row] = rows(reader)
+    reader.close()
+    assert (row["status"], row["model"]) == ("cancelled", MODEL)
+    assert row["notes"] == ["unfinished_at_close", "usage_unknown"]
+    assert handler.in_flight == 0

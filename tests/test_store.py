@@ -168,14 +168,18 @@ def test_rows_are_visible_to_another_connection_once_flush_returns(backend_url: 
     ledger.close()
 
 
-def test_close_flushes_is_idempotent_and_refuses_new_records(backend_url: str) -> None:
-    ledger = Ledger(backend_url)
+def test_close_flushes_is_idempotent_and_keeps_late_records_in_a_file(
+    backend_url: str, tmp_path: Path
+) -> None:
+    ledger = Ledger(backend_url, fallback_dir=tmp_path)
     ledger.record(full_record())
     ledger.close()
     ledger.close()
 
     with pytest.raises(LedgerError, match="closed"):
         ledger.record(full_record(run_id="late"))
+    [saved] = tmp_path.glob("tokenledger-unwritten-*.jsonl")
+    assert json.loads(saved.read_text())["run_id"] == "late"
     reader = Ledger(backend_url)
     assert reader.query("SELECT COUNT(*) AS n FROM llm_calls") == [{"n": 1}]
     reader.close()
@@ -337,3 +341,26 @@ def test_interpreter_exit_flushes(tmp_path: Path) -> None:
         {"n": 500, "s": 1000}
     ]
     reader.close()
+
+
+def test_an_in_memory_ledger_keeps_every_row_under_concurrent_reads() -> None:
+    ledger = Ledger("sqlite://")
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            ledger.query("SELECT COUNT(*) AS n FROM llm_calls")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i in range(5000):
+        ledger.record(UsageRecord(run_id=f"r{i}", total_tokens=1))
+    ledger.flush()
+    stop.set()
+    reader.join()
+
+    assert ledger.query("SELECT COUNT(*) AS n FROM llm_calls") == [{"n": 5000}]
+    backing = Path(ledger.engine.url.database or "")
+    assert backing.exists()
+    ledger.close()
+    assert not backing.parent.exists()
