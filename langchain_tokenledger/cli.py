@@ -2,7 +2,8 @@
 
 Commands: ``report`` (grouped totals), ``runs`` (most expensive root runs), ``show RUN_ID`` (a
 run's tree of calls), ``export`` (every call to CSV, JSON lines or Parquet, streamed), ``sql``
-(one read-only statement) and ``demo`` (an offline demo). ``--db`` defaults to
+(one read-only statement), ``reprice`` (recompute stored costs with today's prices or a price
+table) and ``demo`` (an offline demo). ``--db`` defaults to
 ``$TOKENLEDGER_URL``, then ``sqlite:///tokenledger.db``; ``--json`` prints JSON for scripts.
 Tables use rich when it is installed (the ``cli`` extra), plain text otherwise. Errors are one
 line on stderr: exit status 2 for bad arguments, 1 when the database cannot answer.
@@ -11,6 +12,7 @@ Example:
     $ tokenledger report --by day,model --since 7d
     $ tokenledger runs --top 5 --json
     $ tokenledger sql "SELECT model, SUM(cost_usd) AS cost FROM llm_calls GROUP BY model"
+    $ tokenledger reprice --model gpt-4o-mini --prices prices.toml --dry-run
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
 from .handler import strict_mode
+from .pricing import load_price_table
 from .query import (
     QueryError,
     SummaryRow,
@@ -45,7 +48,7 @@ from .query import (
 )
 from .records import RECORD_FIELDS, UsageRecord
 from .schema import schema_version
-from .store import LedgerError, _create_engine, resolve_url
+from .store import Ledger, LedgerError, _create_engine, resolve_url
 from .views import MEASURES
 
 PROG = "tokenledger"
@@ -605,6 +608,43 @@ def cmd_sql(engine: sa.Engine, args: argparse.Namespace, out: IO[str]) -> None:
     Table(f"{len(rows)} rows", columns, rows, headers={c: c for c in columns}).print(out)
 
 
+# -- reprice ---------------------------------------------------------------------------------
+
+
+def cmd_reprice(engine: sa.Engine, args: argparse.Namespace, out: IO[str]) -> None:
+    """Recompute ``cost_usd`` of the matching rows (``engine`` proved the ledger exists).
+
+    The write goes through a :class:`Ledger` opened only after :func:`open_ledger_engine` found
+    a ledger, so a mistyped ``--db`` reports "no ledger at ..." instead of creating one.
+    """
+    try:
+        ledger = Ledger(args.db, prices=args.prices)
+    except ValueError as exc:  # the price table changed since the arguments were read
+        raise UsageError(str(exc)) from None
+    try:
+        result = ledger.reprice(
+            since=args.since,
+            until=args.until,
+            model=args.model,
+            provider=args.provider,
+            dry_run=args.dry_run,
+        )
+    finally:
+        ledger.close()
+    if args.json:
+        fields = ("examined", "changed", "updated", "unpriced", "old_total", "new_total")
+        _emit_json(
+            {
+                **{name: getattr(result, name) for name in fields},
+                "delta": result.delta,
+                "dry_run": result.dry_run,
+            },
+            out,
+        )
+        return
+    out.write(f"{result}\n")
+
+
 # -- demo ---------------------------------------------------------------------------------------
 
 
@@ -670,6 +710,14 @@ def _top(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _prices(text: str) -> str:
+    try:
+        load_price_table(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _meta(text: str) -> tuple[str, str]:
@@ -740,6 +788,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="bind :NAME (VALUE read as JSON if it parses: 5, true, null; else text)",
     )
 
+    p = sub.add_parser(
+        "reprice", parents=[common, window], help="recompute stored costs with current prices"
+    )
+    p.add_argument("--model", metavar="NAME", help="only calls of this model (exact name)")
+    p.add_argument("--provider", metavar="NAME", help="only calls of this provider")
+    p.add_argument(
+        "--prices",
+        type=_prices,
+        metavar="FILE",
+        help="a .toml or .json price table overriding genai-prices (USD per 1M tokens)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="count what would change; write nothing")
+
     p = sub.add_parser("demo", parents=[as_json], help="record an offline demo, then report")
     p.add_argument(
         "--db",
@@ -755,6 +816,7 @@ _COMMANDS = {
     "show": cmd_show,
     "export": cmd_export,
     "sql": cmd_sql,
+    "reprice": cmd_reprice,
 }
 
 

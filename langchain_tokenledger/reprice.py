@@ -99,13 +99,19 @@ class RepriceResult:
         """
         line = (
             f"{self.examined:,} rows examined, {self.changed:,} with a new cost: "
-            f"${self.old_total} -> ${self.new_total} ({self.delta:+})"
+            f"${_plain(self.old_total)} -> ${_plain(self.new_total)} "
+            f"({'+' if self.delta >= 0 else '-'}{_plain(abs(self.delta))})"
         )
         if self.unpriced:
             line += f"; {self.unpriced:,} still unpriced (see their notes)"
         if self.dry_run:
             line += "; dry run, nothing written"
         return line
+
+
+def _plain(value: Decimal) -> str:
+    """``value`` without trailing zeros (``0.000`` -> ``0``), never in exponent form."""
+    return format(value.normalize(), "f") if value else "0"
 
 
 def _cost(value: Decimal | None) -> Decimal | None:

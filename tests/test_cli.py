@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from langchain_tokenledger import Ledger, UsageRecord
 from langchain_tokenledger.cli import main
 from langchain_tokenledger.demo import WORKLOAD_CALLS
 from langchain_tokenledger.records import RECORD_FIELDS
+from langchain_tokenledger.schema import llm_calls
 
 UTC = timezone.utc
 T = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
@@ -348,9 +350,11 @@ def test_sql_refuses_writes(
 @pytest.mark.parametrize(
     ("args", "status", "message"),
     [
-        ([], 2, "tokenledger: error: choose a command: report, runs, show, export, sql, demo"),
+        ([], 2, "tokenledger: error: choose a command: report, runs, show, export, sql, reprice, "
+         "demo"),
         (["audit"], 2, "tokenledger: error: argument COMMAND: invalid choice: 'audit' "
-                       "(choose from 'report', 'runs', 'show', 'export', 'sql', 'demo')"),
+                       "(choose from 'report', 'runs', 'show', 'export', 'sql', 'reprice', "
+                       "'demo')"),
         (["report", "--by", "vendor"], 2, "tokenledger report: error: argument --by: unknown "
          "group key 'vendor': choose from model, provider, day, hour, root_name, status, "
          "user_id, session_id, tag or metadata.<key>"),
@@ -474,3 +478,158 @@ def test_the_console_script(db: list[str], tmp_path: Path) -> None:
     )  # fmt: skip
     assert (bad.returncode, bad.stdout, bad.stderr.count("\n")) == (2, "", 1)
     assert "Traceback" not in bad.stderr
+
+
+# -- reprice -------------------------------------------------------------------------------------
+
+PRICES_TOML = """\
+[models."gpt-4o-mini"]
+input = 1
+output = 2
+"""
+"""The corrected gpt-4o-mini rates, USD per 1M tokens (genai-prices: $0.15 in, $0.60 out)."""
+
+
+def used(run_id: str, model: str, tokens_in: int, tokens_out: int, day: int) -> UsageRecord:
+    """A call with provider-reported usage and no cost: the ledger prices it with genai-prices."""
+    usage = {"input_tokens": tokens_in, "output_tokens": tokens_out,
+             "total_tokens": tokens_in + tokens_out}  # fmt: skip
+    return call(run_id, "R", "chat", datetime(2026, 11, day, 12, 0, tzinfo=UTC), model=model,
+                usage_details=usage, **usage)  # fmt: skip
+
+
+GENAI_COSTS = {  # run_id: (cost_usd, price source)
+    "p1": (Decimal("0.00045"), "genai-prices"),
+    "p2": (Decimal("0.0003"), "genai-prices"),
+    "p3": (Decimal("0.0075"), "genai-prices"),
+    "p4": (Decimal("0.00015"), "genai-prices"),
+}
+
+
+@pytest.fixture
+def priced(backend_url: str, ledger: Ledger, tmp_path: Path) -> tuple[list[str], Path]:
+    """``--db URL`` of a ledger whose calls genai-prices priced, and the corrected price table.
+
+    gpt-4o-mini at $0.15 / $0.60 per 1M: p1 (1,000 in, 500 out) $0.00045, p2 (2,000 in)
+    $0.0003, p4 (1,000 in, two days later) $0.00015; gpt-4o at $2.50 / $10: p3 $0.0075.
+    """
+    ledger.record_many([used("p1", "gpt-4o-mini", 1000, 500, 1),
+                        used("p2", "gpt-4o-mini", 2000, 0, 1),
+                        used("p3", "gpt-4o", 1000, 500, 1),
+                        used("p4", "gpt-4o-mini", 1000, 0, 3)])  # fmt: skip
+    ledger.flush()
+    assert costs(ledger) == GENAI_COSTS
+    prices = tmp_path / "prices.toml"
+    prices.write_text(PRICES_TOML)
+    return ["--db", backend_url], prices
+
+
+def costs(ledger: Ledger) -> dict[str, tuple[Decimal, str]]:
+    """``cost_usd`` and the price source's name of every row, read with SQL."""
+    c = llm_calls.c
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(sa.select(c.run_id, c.cost_usd, c.price_source).order_by(c.run_id))
+        return {r.run_id: (r.cost_usd, r.price_source.split()[0]) for r in rows}
+
+
+def test_reprice_applies_a_price_table_to_the_matching_rows(
+    priced: tuple[list[str], Path], ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db, prices = priced
+    # At $1 / $2 per 1M: p1 $0.002, p2 $0.002, p4 $0.001; p3 is another model, left alone.
+    assert run(["reprice", *db, "--prices", str(prices), "--model", "gpt-4o-mini"], capsys) == (
+        0,
+        "3 rows examined, 3 with a new cost: $0.0009 -> $0.005 (+0.0041)\n",
+        "",
+    )
+    assert costs(ledger) == {
+        "p1": (Decimal("0.002"), "override"),
+        "p2": (Decimal("0.002"), "override"),
+        "p3": (Decimal("0.0075"), "genai-prices"),
+        "p4": (Decimal("0.001"), "override"),
+    }
+
+
+def test_reprice_dry_run_writes_nothing(
+    priced: tuple[list[str], Path], ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db, prices = priced
+    args = ["reprice", *db, "--prices", str(prices), "--model", "gpt-4o-mini", "--dry-run"]
+    assert run(args, capsys) == (
+        0,
+        "3 rows examined, 3 with a new cost: $0.0009 -> $0.005 (+0.0041); "
+        "dry run, nothing written\n",
+        "",
+    )
+    assert costs(ledger) == GENAI_COSTS
+
+
+def test_reprice_json_with_a_window_and_a_provider(
+    priced: tuple[list[str], Path], ledger: Ledger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db, prices = priced
+    args = ["reprice", *db, "--prices", str(prices), "--since", "2026-11-02", "--until",
+            "2026-11-04", "--provider", "openai"]  # fmt: skip
+    assert run_json(args, capsys) == {
+        "examined": 1, "changed": 1, "updated": 1, "unpriced": 0, "old_total": "0.00015",
+        "new_total": "0.001", "delta": "0.00085", "dry_run": False,
+    }  # fmt: skip
+    assert costs(ledger) == {**GENAI_COSTS, "p4": (Decimal("0.001"), "override")}
+    assert run(["reprice", *db, "--prices", str(prices), "--provider", "anthropic"], capsys) == (
+        0,
+        "0 rows examined, 0 with a new cost: $0 -> $0 (+0)\n",
+        "",
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("[models.gpt-4o-mini\ninput = 1\n", "invalid TOML in price table {path!r}: Expected ']' "
+         "at the end of a table declaration (at line 1, column 20)"),
+        ('[models."gpt-4o-mini"]\ninput = -1\noutput = 2\n', "price table: model "
+         "'gpt-4o-mini': field 'input' must be >= 0, got -1"),
+        (None, "price table file not found: {path!r}"),
+    ],
+    ids=["invalid-toml", "negative-price", "missing-file"],
+)  # fmt: skip
+def test_reprice_refuses_a_bad_price_file(
+    content: str | None,
+    reason: str,
+    priced: tuple[list[str], Path],
+    ledger: Ledger,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    db, _ = priced
+    bad = tmp_path / "bad.toml"
+    if content is not None:
+        bad.write_text(content)
+    assert run(["reprice", *db, "--prices", str(bad)], capsys) == (
+        2,
+        "",
+        f"tokenledger reprice: error: argument --prices: {reason.format(path=str(bad))}\n",
+    )
+    assert costs(ledger) == GENAI_COSTS
+
+
+def test_reprice_never_creates_a_ledger(
+    backend_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Like the read commands, ``reprice`` on a database without a ledger says so, exit 1."""
+    prices = tmp_path / "prices.toml"
+    prices.write_text(PRICES_TOML)
+    status, out, err = run(["reprice", "--db", backend_url, "--prices", str(prices)], capsys)
+    if backend_url.startswith("sqlite"):
+        where = f"no ledger at {tmp_path / 'ledger.db'}: nothing recorded there yet"
+        assert not (tmp_path / "ledger.db").exists()
+    else:
+        where = f"no ledger in {backend_url}: it has no tokenledger tables"
+        engine = sa.create_engine(backend_url)
+        try:
+            assert "llm_calls" not in sa.inspect(engine).get_table_names()
+        finally:
+            engine.dispose()
+    assert (status, out) == (1, "")
+    assert err.startswith(f"tokenledger: error: {where}")
+    assert err.count("\n") == 1

@@ -276,3 +276,19 @@ def test_the_result_reads_as_one_line(ledger: Ledger, repricer: Ledger) -> None:
         "2 rows examined, 1 with a new cost: $0.00045 -> $0.002 (+0.00155); "
         "1 still unpriced (see their notes); dry run, nothing written"
     )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line"),
+    [
+        ("0.004", "0.004000", "$0.004 -> $0.004 (+0)"),
+        ("0.00000002", "0.00000001", "$0.00000002 -> $0.00000001 (-0.00000001)"),
+        ("100", "0", "$100 -> $0 (-100)"),
+    ],
+)
+def test_the_summary_line_prints_plain_decimals(old: str, new: str, line: str) -> None:
+    result = RepriceResult(
+        examined=3, changed=1, updated=1, unpriced=0,
+        old_total=Decimal(old), new_total=Decimal(new), dry_run=False,
+    )  # fmt: skip
+    assert str(result) == f"3 rows examined, 1 with a new cost: {line}"
