@@ -354,8 +354,7 @@ class TokenLedgerHandler(BaseCallbackHandler):
         with self._lock:
             run.node = self._enter(run_id, parent_run_id, name)
             self._llm_runs[run_id] = run
-        if self._starts % 1024 == 0:
-            self.evict_stale()
+        self._maybe_sweep()
         return run
 
     # The four LLM events catch their own faults (see _fault) rather than use @_guarded: they

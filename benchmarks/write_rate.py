@@ -1,0 +1,227 @@
+"""The store's sustained write rate, and what one row costs to price and serialize.
+
+Records are built up front (realistic content, time-ordered uuid7 run ids), then handed straight
+to :meth:`Ledger.record` and flushed: rows/s = records / (all ``record`` calls + ``flush``).
+Pricing happens in the writer thread and is included. Backends are measured round-robin and the
+median is reported. PostgreSQL and MariaDB are skipped when their server cannot be reached.
+
+Run::
+
+    python benchmarks/write_rate.py                      # ~1-2 minutes
+    python benchmarks/write_rate.py --records 50000 --rounds 1
+    TOKENLEDGER_BENCH_POSTGRES_URL=postgresql://u@host/db python benchmarks/write_rate.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from _bench import median, priced_copy, realistic_records, stopwatch, table
+from sqlalchemy.exc import SQLAlchemyError
+
+from langchain_tokenledger import Ledger, UsageRecord
+from langchain_tokenledger.pricing import Pricer
+from langchain_tokenledger.records import RECORD_FIELDS
+from langchain_tokenledger.store import price_of
+from langchain_tokenledger.views import VIEW_NAMES
+from langchain_tokenledger.writers import _decimal_text, _same, _sqlite_ts, to_row
+
+POSTGRES_URL = os.environ.get(
+    "TOKENLEDGER_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/perfbench"
+)
+MYSQL_URL = os.environ.get(
+    "TOKENLEDGER_BENCH_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/perfbench"
+)
+TARGETS = {"SQLite": 30_000, "PostgreSQL": 20_000}
+
+
+@dataclass
+class Backend:
+    """A database to measure: a display name and how to get a fresh, empty ledger URL."""
+
+    name: str
+    fresh_url: Callable[[], str]
+    records: int
+
+
+def _drop_ledger_tables(url: str) -> None:
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            inspector = sa.inspect(conn)
+            for view in VIEW_NAMES:
+                conn.execute(sa.text(f"DROP VIEW IF EXISTS {view}"))
+            for name in inspector.get_table_names():
+                if name == "llm_calls" or name.startswith("tokenledger"):
+                    conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
+    finally:
+        engine.dispose()
+
+
+def _server_backend(name: str, url: str, records: int) -> Backend | None:
+    try:
+        _drop_ledger_tables(url)
+    except (SQLAlchemyError, ImportError) as exc:
+        print(f"({name} skipped: {url} unreachable: {str(exc).splitlines()[0]})", file=sys.stderr)
+        return None
+
+    def fresh() -> str:
+        _drop_ledger_tables(url)
+        return url
+
+    return Backend(name, fresh, records)
+
+
+def backends(args: argparse.Namespace, workdir: Path) -> list[Backend]:
+    """SQLite always; PostgreSQL and MariaDB when reachable."""
+    counter = iter(range(1_000_000))
+
+    def fresh_sqlite() -> str:
+        return f"sqlite:///{workdir / f'rate-{next(counter)}.db'}"
+
+    found = [Backend("SQLite", fresh_sqlite, args.records)]
+    for name, url, n in (
+        ("PostgreSQL", args.postgres, args.records),
+        ("MariaDB", args.mysql, args.mysql_records),
+    ):
+        if url:
+            backend = _server_backend(name, url, n)
+            if backend is not None:
+                found.append(backend)
+    return found
+
+
+def one_trial(url: str, records: Sequence[UsageRecord]) -> tuple[float, float]:
+    """``(rows/s, seconds per record() call)`` for writing ``records`` into a fresh ledger."""
+    ledger = Ledger(url)
+    try:
+        record = ledger.record
+        with stopwatch() as total:
+            with stopwatch() as handing:
+                for r in records:
+                    record(r)
+            ledger.flush()
+        [n] = ledger.query("SELECT COUNT(*) AS n FROM llm_calls")
+        assert n["n"] == len(records), f"expected {len(records)} rows, found {n['n']}"
+    finally:
+        ledger.close()
+    return len(records) / total[0], handing[0] / len(records)
+
+
+def generic_row(r: UsageRecord) -> tuple[Any, ...]:
+    """What a straightforward writer does: json.dumps, isoformat and str, column by column."""
+    out: list[Any] = []
+    for name in RECORD_FIELDS:
+        value = getattr(r, name)
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        elif isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, Decimal):
+            value = str(value)
+        out.append(value)
+    return tuple(out)
+
+
+def per_row_costs(records: Sequence[UsageRecord], rounds: int) -> list[tuple[str, float]]:
+    """Median seconds per row of each writer-side step, measured interleaved."""
+    priced = [priced_copy(r) for r in records]
+    memo_warm = Pricer()
+    for r in records:
+        price_of(memo_warm, r)
+    steps: dict[str, Callable[[], object]] = {
+        # A fresh Pricer per round: realistic token counts rarely repeat, so the writer mostly
+        # misses the pricer's result memo (its rate-card cache stays warm after the first call).
+        "pricing (`price_of`), new token counts": lambda: _price_all(Pricer(), records),
+        "pricing (`price_of`), repeated token counts": lambda: _price_all(memo_warm, records),
+        "row for SQLite (`to_row`)": lambda: [to_row(r, _sqlite_ts, _decimal_text) for r in priced],
+        "row for PostgreSQL (`to_row`)": lambda: [to_row(r, _same, _same) for r in priced],
+        "generic row (`json.dumps`, `isoformat`, `str`)": lambda: [generic_row(r) for r in priced],
+    }
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            with stopwatch() as t:
+                step()
+            samples[name].append(t[0] / len(records))
+    return [(name, median(values)) for name, values in samples.items()]
+
+
+def _price_all(pricer: Pricer, records: Sequence[UsageRecord]) -> None:
+    price_of(pricer, records[0])  # resolve the rate cards outside the loop
+    for r in records:
+        price_of(pricer, r)
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    """Run the write-rate benchmark; print and return its markdown tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=200_000, help="records per trial")
+    parser.add_argument("--mysql-records", type=int, default=50_000, help="records for MariaDB")
+    parser.add_argument("--rounds", type=int, default=3, help="trials per backend")
+    parser.add_argument("--postgres", default=POSTGRES_URL, help="PostgreSQL URL ('' to skip)")
+    parser.add_argument("--mysql", default=MYSQL_URL, help="MariaDB/MySQL URL ('' to skip)")
+    args = parser.parse_args(argv)
+
+    out: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="tokenledger-bench-") as tmp:
+        found = backends(args, Path(tmp))
+        records = realistic_records(max(b.records for b in found))
+        rates: dict[str, list[float]] = {b.name: [] for b in found}
+        handoff: dict[str, list[float]] = {b.name: [] for b in found}
+        for _ in range(args.rounds):
+            for b in found:
+                rate, per_call = one_trial(b.fresh_url(), records[: b.records])
+                rates[b.name].append(rate)
+                handoff[b.name].append(per_call)
+        rows = []
+        for b in found:
+            rate = median(rates[b.name])
+            target = TARGETS.get(b.name)
+            verdict = (
+                "(information)"
+                if target is None
+                else (f"{target:,} ({'met' if rate >= target else 'NOT met'})")
+            )
+            rows.append(
+                [
+                    b.name,
+                    f"{b.records:,}",
+                    f"{rate:,.0f}",
+                    verdict,
+                    f"{median(handoff[b.name]) * 1e6:.2f} us",
+                ]
+            )
+        out.append(
+            f"Sustained write rate (records handed to `Ledger.record`, priced and written by "
+            f"the writer thread; median of {args.rounds}):\n\n"
+            + table(["backend", "records", "rows/s", "target rows/s", "`record()` call"], rows)
+        )
+        costs = per_row_costs(priced_sample(records), rounds=5)
+        out.append(
+            "Writer-side cost per row (median of 5, interleaved):\n\n"
+            + table(["step", "us/row"], [[name, f"{s * 1e6:.2f}"] for name, s in costs])
+        )
+    for block in out:
+        print(block + "\n", flush=True)
+    return out
+
+
+def priced_sample(records: Sequence[UsageRecord], n: int = 20_000) -> list[UsageRecord]:
+    """The first ``n`` records (the per-row costs do not need the whole set)."""
+    return list(records[:n])
+
+
+if __name__ == "__main__":
+    main()
