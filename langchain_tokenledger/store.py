@@ -409,6 +409,30 @@ class Ledger:
     def _write_until_done(
         self, batch: list[UsageRecord], prices: list[Price], rows: list[Row] | Exception
     ) -> None:
+        self._execute_with_retry(batch, prices, rows)
+        with self._cv:
+            self._done += len(batch)
+            self._executing = 0
+            if self._done >= self._enqueued:
+                self._flush_wanted.clear()
+            self._cv.notify_all()
+
+    def _is_data_error(self, exc: Exception) -> bool:
+        """A fault of the rows themselves (a value the column refuses), not of the database."""
+        dbapi = self.engine.dialect.dbapi
+        kinds = tuple(
+            k
+            for k in (getattr(dbapi, "DataError", None), getattr(dbapi, "IntegrityError", None))
+            if isinstance(k, type)
+        )
+        return bool(kinds) and isinstance(exc, kinds)
+
+    def _execute_with_retry(
+        self, batch: list[UsageRecord], prices: list[Price], rows: list[Row] | Exception
+    ) -> None:
+        """Write ``rows`` until it works. Rows the database refuses as data are isolated by
+        halving the batch, and only those are saved to the fallback file (the rest is written):
+        one bad value never blocks the ledger."""
         attempt = 0
         while True:
             try:
@@ -428,27 +452,37 @@ class Ledger:
                         attempt,
                         exc,
                     )
+                refused = attempt >= 3 and not isinstance(rows, Exception)
+                if refused and self._is_data_error(exc):
+                    assert not isinstance(rows, Exception)
+                    if len(batch) > 1:
+                        half = len(batch) // 2
+                        self._execute_with_retry(batch[:half], prices[:half], rows[:half])
+                        self._execute_with_retry(batch[half:], prices[half:], rows[half:])
+                    else:
+                        self._save_priced(batch, prices, exc)
+                    self._failing_since = None
+                    return
                 if self._closed and time.monotonic() >= self._closing_deadline:
-                    self._save_unwritten(
-                        [
-                            r.replace(cost_usd=cost, price_source=source, notes=notes)
-                            for r, (cost, source, notes) in zip(batch, prices, strict=True)
-                        ],
-                        exc,
-                    )
-                    break
+                    self._save_priced(batch, prices, exc)
+                    return
                 time.sleep(min(0.05 * 2**attempt, 2.0))
                 continue
             if self._failing_since is not None:
                 logger.warning("%r: writes recovered after %d attempts", self, attempt + 1)
                 self._failing_since = None
-            break
-        with self._cv:
-            self._done += len(batch)
-            self._executing = 0
-            if self._done >= self._enqueued:
-                self._flush_wanted.clear()
-            self._cv.notify_all()
+            return
+
+    def _save_priced(
+        self, batch: list[UsageRecord], prices: list[Price], exc: BaseException
+    ) -> None:
+        self._save_unwritten(
+            [
+                r.replace(cost_usd=cost, price_source=source, notes=notes)
+                for r, (cost, source, notes) in zip(batch, prices, strict=True)
+            ],
+            exc,
+        )
 
     def _drain_after_close(self) -> None:
         # Records appended by a record() call that raced with close().

@@ -1,10 +1,10 @@
 """Batch writers: records -> rows -> idempotent multi-row inserts, one transaction per batch.
 
 Each writer owns one raw DBAPI connection (used by the ledger's writer thread only) and the
-fastest idempotent path its database offers: SQLite ``INSERT OR IGNORE`` with many rows per
-statement, PostgreSQL ``COPY`` into a temporary table then ``INSERT .. ON CONFLICT DO NOTHING``,
-MariaDB/MySQL a multi-row ``INSERT .. ON DUPLICATE KEY UPDATE``. A replayed record (same
-``run_id``) never creates a second row.
+fastest idempotent path its database offers: SQLite ``INSERT .. ON CONFLICT DO NOTHING`` with
+many rows per statement, PostgreSQL ``COPY`` into a temporary table then ``INSERT .. ON CONFLICT
+DO NOTHING``, MariaDB/MySQL a multi-row ``INSERT .. ON DUPLICATE KEY UPDATE``. A replayed
+record (same ``run_id``) never creates a second row.
 
 Serialization is the writer's main CPU cost and it holds the GIL, so it competes with the
 application's own threads: rows are built from one C-level attribute fetch, the price is written
@@ -317,7 +317,9 @@ def _sqlite_max_variables() -> int:
 
 
 class SQLiteWriter(_RawWriter):
-    """``INSERT OR IGNORE`` of up to 1024 rows per statement (timestamps as SQLAlchemy's text).
+    """``INSERT .. ON CONFLICT (run_id) DO NOTHING``, up to 1024 rows per statement.
+
+    Timestamps are written as SQLAlchemy's SQLite text format.
 
     SQLite releases the GIL while it executes a statement, and a thread that wants the GIL back
     waits up to the holder's switch interval (5 ms); one statement per row (``executemany``)
@@ -353,8 +355,11 @@ class SQLiteWriter(_RawWriter):
         sql = self._statements.get(rows)
         if sql is None:
             sql = self._statements[rows] = (
-                f"INSERT OR IGNORE INTO llm_calls ({_COLUMNS}) VALUES "
+                # ON CONFLICT (run_id), not OR IGNORE: OR IGNORE would also skip, silently, a
+                # row that breaks another constraint (a NULL status).
+                f"INSERT INTO llm_calls ({_COLUMNS}) VALUES "
                 + ", ".join([self._ROW] * rows)
+                + " ON CONFLICT (run_id) DO NOTHING"
             )
         return sql
 

@@ -364,3 +364,19 @@ def test_an_in_memory_ledger_keeps_every_row_under_concurrent_reads() -> None:
     assert backing.exists()
     ledger.close()
     assert not backing.parent.exists()
+
+
+def test_a_row_the_database_refuses_is_isolated_and_saved_the_rest_written(
+    ledger: Ledger, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = full_record(run_id="bad", status=None)  # type: ignore[arg-type]  # NOT NULL column
+    good = [full_record(run_id=f"good-{i}") for i in range(6)]
+    with caplog.at_level(logging.ERROR, logger="langchain_tokenledger"):
+        ledger.record_many([*good[:3], bad, *good[3:]])
+        ledger.flush()
+
+    assert [r["run_id"] for r in read_rows(ledger)] == [f"good-{i}" for i in range(6)]
+    [saved] = tmp_path.glob("tokenledger-unwritten-*.jsonl")
+    assert [json.loads(line)["run_id"] for line in saved.read_text().splitlines()] == ["bad"]
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "1 LLM call records could not be written" in error.getMessage()
