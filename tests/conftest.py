@@ -20,7 +20,7 @@ import sqlalchemy as sa
 # Handler faults are logged and swallowed in users' apps; under the test suite they must raise.
 os.environ["TOKENLEDGER_STRICT"] = "1"
 
-from langchain_tokenledger import Ledger
+from langchain_tokenledger import Ledger, store
 from langchain_tokenledger.testing import FakeOpenAIServer
 
 BACKEND_ENV = {
@@ -70,6 +70,16 @@ def ledger(backend_url: str, tmp_path: Path) -> Iterator[Ledger]:
     led = Ledger(backend_url, fallback_dir=tmp_path)
     yield led
     led.close()
+
+
+@pytest.fixture
+def default_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ledger]:
+    """The process-wide default ledger, on a fresh SQLite file for this test only."""
+    monkeypatch.setenv("TOKENLEDGER_URL", f"sqlite:///{tmp_path / 'default.db'}")
+    monkeypatch.setattr(store, "_default", None)
+    ledger = store.default_ledger()
+    yield ledger
+    ledger.close()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
@@ -33,7 +33,6 @@ from langchain_tokenledger import (
     TokenLedgerHandler,
     UsageSummary,
     UsageTracker,
-    store,
     track_usage,
 )
 from langchain_tokenledger.context import _current
@@ -395,16 +394,6 @@ def test_an_active_tracker_cannot_be_entered_again(sqlite_ledger: Ledger) -> Non
     tracker = track_usage(sqlite_ledger)
     with tracker, pytest.raises(RuntimeError, match="already active"), tracker:
         pass
-
-
-@pytest.fixture
-def default_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ledger]:
-    """The process-wide default ledger, on a fresh SQLite file for this test only."""
-    monkeypatch.setenv("TOKENLEDGER_URL", f"sqlite:///{tmp_path / 'default.db'}")
-    monkeypatch.setattr(store, "_default", None)
-    ledger = store.default_ledger()
-    yield ledger
-    ledger.close()
 
 
 def test_without_a_ledger_the_default_ledger_is_used(

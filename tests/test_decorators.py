@@ -14,7 +14,6 @@ import gc
 import inspect
 import pickle
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 from uuid import UUID, uuid4
 
@@ -27,7 +26,7 @@ from langchain_core.runnables import Runnable, RunnableLambda
 from pydantic import BaseModel, ConfigDict
 from tenacity import retry, stop_after_attempt, wait_none
 
-from langchain_tokenledger import Ledger, TrackedRunnable, store, track_usage, tracked
+from langchain_tokenledger import Ledger, TrackedRunnable, track_usage, tracked
 from langchain_tokenledger.decorators import _instance_usages
 from langchain_tokenledger.schema import llm_calls
 from langchain_tokenledger.testing import FakeOpenAIServer
@@ -47,16 +46,6 @@ def rows(ledger: Ledger) -> list[dict[str, Any]]:
 @pytest.fixture
 def model(openai_server: FakeOpenAIServer) -> Runnable[Any, Any]:
     return openai_server.chat_model(MODEL, stream_usage=True)
-
-
-@pytest.fixture
-def default_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ledger]:
-    """The process-wide default ledger, on a fresh SQLite file for this test only."""
-    monkeypatch.setenv("TOKENLEDGER_URL", f"sqlite:///{tmp_path / 'default.db'}")
-    monkeypatch.setattr(store, "_default", None)
-    ledger = store.default_ledger()
-    yield ledger
-    ledger.close()
 
 
 # -- module-level functions: introspection and pickling --------------------------------------
