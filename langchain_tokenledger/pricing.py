@@ -95,7 +95,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, getcontext
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeAlias, Union, cast
@@ -341,12 +341,11 @@ def _extract(usage: object, service_tier: str | None) -> tuple[str | None, _Valu
     return tier, values
 
 
-def _clean_values(values: Sequence[object]) -> _Values | None:
+def _clean_values(values: tuple[Any, ...]) -> _Values | None:
     """Coerce integral floats/Decimals to int; None when any value is not a count >= 0."""
-    anys = cast(Sequence[Any], values)
     try:
-        if type(sum(anys)) is int and min(anys) >= 0:
-            return cast(_Values, values)  # all plain ints (or bools) >= 0: the usual case
+        if type(sum(values)) is int and min(values) >= 0:
+            return values  # all plain ints (or bools) >= 0: the usual case
     except TypeError:
         pass
     out: list[int] = []
@@ -380,6 +379,113 @@ _Term: TypeAlias = tuple[int, tuple[int, ...], Decimal, tuple[tuple[int, Decimal
 _ZERO: Final = Decimal(0)
 
 
+_CostFunction: TypeAlias = Callable[[_Values], "Decimal | None"]
+# A sum of non-negative integer terms below 10**28 is what the Decimal loop of _Card computes
+# without rounding in any context of at least 28 digits (Python's default): every product and
+# partial sum there has a coefficient no larger than the total's.
+_EXACT_PREC: Final = 28
+_EXACT_LIMIT: Final = 10**_EXACT_PREC
+
+
+def _exact_cost_function(terms: Sequence[_Term], fallback: _CostFunction) -> _CostFunction | None:
+    """The card's cost in integer arithmetic (see :func:`_flat_cost_function`), or None.
+
+    A card with tiers gets one flat function per range of total input tokens between two tier
+    starts, picked on each call. ``None`` when a rate is negative (the ``Decimal`` path then).
+    """
+    starts = sorted({start for *_, tiers in terms for start, _ in tiers}, reverse=True)
+    if not all(type(start) is int for start in starts):
+        return None
+    base = _flat_cost_function([(vi, desc, rate) for vi, desc, rate, _ in terms], fallback)
+    if not starts or base is None:
+        return base
+    ranges: list[tuple[int, _CostFunction]] = []
+    for above in starts:  # total input > above: the rate of each term's first tier below
+        flat = _flat_cost_function(
+            [
+                (vi, desc, next((r for start, r in tiers if above + 1 > start), rate))
+                for vi, desc, rate, tiers in terms
+            ],
+            fallback,
+        )
+        if flat is None:
+            return None
+        ranges.append((above, flat))
+
+    def cost(values: _Values) -> Decimal | None:
+        total_input = values[_INPUT_INDEX]
+        for above, flat in ranges:
+            if total_input > above:
+                return flat(values)
+        return base(values)
+
+    return cost
+
+
+def _flat_cost_function(
+    rates: Sequence[tuple[int, tuple[int, ...], Decimal]], fallback: _CostFunction
+) -> _CostFunction | None:
+    """Integer arithmetic for a card without tiers, compiled once: half the time of ``Decimal``.
+
+    Every rate is written as ``numerator * 10**-scale`` USD per unit, so the cost is the integer
+    ``sum(leaf * numerator)`` scaled by ``10**-scale``. The result is the very ``Decimal`` the
+    loop in :meth:`_Card._decimal_cost` returns, exponent included (the smallest exponent of the
+    rates billed, or 0), so its text is the same too. A sum too large to be exact there goes to
+    ``fallback``. ``None`` when a rate is negative or not finite.
+
+    Example (gpt-4o-mini: cache reads, the rest of the input, output)::
+
+        def cost(v):
+            l0 = v[1]
+            l1 = v[0] - l0
+            if l1 < 0:
+                return None
+            l2 = v[6]
+            units = l0 * 75 + l1 * 150 + l2 * 600
+            ...
+            if l0:
+                return _Decimal(units) * _scale_9   # 10**-9
+            ...
+    """
+    parts: list[tuple[int, tuple[int, ...], int, int]] = []
+    for vi, desc, rate in rates:
+        if not rate.is_finite() or rate < 0:
+            return None
+        _, digits, exponent = rate.as_tuple()
+        assert isinstance(exponent, int)  # finite
+        parts.append((vi, desc, int("".join(map(str, digits))), exponent))
+    scale = max(0, -min((e for *_, e in parts), default=0))
+    namespace: dict[str, Any] = {
+        "_Decimal": Decimal,
+        "_fallback": fallback,
+        "_getcontext": getcontext,
+    }
+    lines = ["def cost(v):"]
+    products: list[str] = []
+    for t, (vi, desc, numerator, exponent) in enumerate(parts):
+        leaf = f"v[{vi}]" if vi < _CONST_ZERO else str(_CONSTS[vi - _CONST_ZERO])
+        lines.append(f"    l{t} = {leaf}" + "".join(f" - l{d}" for d in desc))
+        if desc:
+            lines.append(f"    if l{t} < 0:\n        return None")
+        products.append(f"l{t} * {numerator * 10 ** (exponent + scale)}")
+    lines.append(f"    units = {' + '.join(products) or '0'}")
+    lines.append(
+        f"    if units >= {_EXACT_LIMIT} or _getcontext().prec < {_EXACT_PREC}:\n"
+        "        return _fallback(v)"
+    )
+    # The Decimal loop's exponent is the smallest one among the rates of non-zero leaves, or 0.
+    for t in sorted(range(len(parts)), key=lambda i: parts[i][3]):
+        exponent = parts[t][3]
+        if exponent >= 0:
+            break
+        namespace[f"_scale_{-exponent}"] = Decimal(f"1E{exponent}")
+        divisor = f" // {10 ** (exponent + scale)}" if exponent + scale else ""
+        lines.append(f"    if l{t}:\n        return _Decimal(units{divisor}) * _scale_{-exponent}")
+    lines.append(f"    return _Decimal(units{f' // {10**scale}' if scale else ''})")
+    exec("\n".join(lines) + "\n", namespace)
+    return cast(_CostFunction, namespace["cost"])
+
+
 class _Card:
     """A ModelPrice compiled for the usage keys LangChain reports.
 
@@ -388,7 +494,7 @@ class _Card:
     input minus cache reads), tiered prices switch on the total input tokens. ~30x faster.
     """
 
-    __slots__ = ("_terms",)
+    __slots__ = ("_terms", "cost")
 
     def __init__(self, priced: Iterable[tuple[UnitDef, _Price]]) -> None:
         pairs = list(priced)
@@ -419,6 +525,10 @@ class _Card:
             kept.append((unit, len(terms)))
             terms.append((value_index, desc, rate, tiers))
         self._terms: tuple[_Term, ...] = tuple(terms)
+        exact = _exact_cost_function(self._terms, self._decimal_cost)
+        # cost(values): exact USD cost of validated (int >= 0) values; None when a part exceeds
+        # its whole.
+        self.cost: _CostFunction = self._decimal_cost if exact is None else exact
 
     @classmethod
     def from_model_price(cls, model_price: ModelPrice) -> _Card:
@@ -429,8 +539,7 @@ class _Card:
                 priced.append((unit, price))
         return cls(priced)
 
-    def cost(self, values: _Values) -> Decimal | None:
-        """Exact USD cost of validated (int >= 0) values; None when a part exceeds its whole."""
+    def _decimal_cost(self, values: _Values) -> Decimal | None:
         vals = values + _CONSTS
         leaves: list[int] = []
         total = _ZERO
@@ -804,6 +913,10 @@ def _warn_unknown_model(model: str, provider: str | None) -> None:
     )
 
 
+# PriceResult(*fields) without the Python-level __new__ of named tuples (~0.15 us per result)
+_new_result: Final = cast(
+    Callable[[tuple[Any, ...]], PriceResult], functools.partial(tuple.__new__, PriceResult)
+)
 _NO_MODEL: Final = PriceResult(None, None, ("no_model",))
 _NO_MODEL_NO_USAGE: Final = PriceResult(None, None, ("no_model", "no_usage"))
 _NO_USAGE: Final = PriceResult(None, None, ("no_usage",))
@@ -934,12 +1047,13 @@ class Pricer:
             return _INVALID_USAGE
         if res.source is None:
             return _UNKNOWN
-        card, extra = self._card(res, now, day)
+        cached = res.day_cards.get(day) if day is not None else None  # the usual case
+        card, extra = cached if cached is not None else self._card(res, now, day)
         cost = card.cost(clean) if card is not None else None
         if card is not None and cost is None:
             extra = (*extra, "invalid_usage")
         notes = res.notes + extra if extra else res.notes
-        return PriceResult(cost, res.source if cost is not None else None, notes)
+        return _new_result((cost, res.source if cost is not None else None, notes))
 
     def _switch_snapshot(self, snapshot: data_snapshot.DataSnapshot) -> None:
         with self._reset_lock:
