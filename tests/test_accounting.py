@@ -24,9 +24,9 @@ from uuid import uuid4
 import genai_prices
 import openai
 import pytest
-import sqlalchemy as sa
 import tenacity
 from genai_prices.types import Usage as PriceUsage
+from helpers import rows
 from langchain_core.caches import RETURN_VAL_TYPE, BaseCache, InMemoryCache
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.globals import set_llm_cache
@@ -38,7 +38,6 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 
 from langchain_tokenledger import Ledger, TokenLedgerHandler, track_usage
-from langchain_tokenledger.schema import llm_calls
 from langchain_tokenledger.testing import (
     FakeOpenAIServer,
     FakeUsageLLM,
@@ -49,14 +48,6 @@ from langchain_tokenledger.testing import (
 MODEL = "gpt-4o-mini"
 GENAI = f"genai-prices {genai_prices.__version__}"
 MODES = ["sync", "async"]
-
-
-def rows(ledger: Ledger) -> list[dict[str, Any]]:
-    """Every row, decoded, in start order."""
-    ledger.flush()
-    with ledger.engine.connect() as conn:
-        stmt = sa.select(llm_calls).order_by(llm_calls.c.started_at, llm_calls.c.run_id)
-        return [dict(r) for r in conn.execute(stmt).mappings()]
 
 
 def oracle_cost(billed: ReportedUsage) -> Decimal:

@@ -21,7 +21,7 @@ from uuid import uuid4
 
 import openai
 import pytest
-import sqlalchemy as sa
+from helpers import committed_rows, rows
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableLambda
@@ -36,7 +36,6 @@ from langchain_tokenledger import (
     track_usage,
 )
 from langchain_tokenledger.context import _current
-from langchain_tokenledger.schema import llm_calls
 from langchain_tokenledger.testing import (
     FakeOpenAIServer,
     fake_completion_tokens,
@@ -46,19 +45,6 @@ from langchain_tokenledger.testing import (
 MODEL = "gpt-4o-mini"
 PROMPT = ChatPromptTemplate.from_messages([("user", "{q}")])
 FORMS = ["with", "async with"]
-
-
-def committed_rows(ledger: Ledger) -> list[dict[str, Any]]:
-    """The rows already in SQL (no flush: what a reader sees right now), in start order."""
-    with ledger.engine.connect() as conn:
-        stmt = sa.select(llm_calls).order_by(llm_calls.c.started_at, llm_calls.c.run_id)
-        return [dict(r) for r in conn.execute(stmt).mappings()]
-
-
-def rows(ledger: Ledger) -> list[dict[str, Any]]:
-    """Every row, once the writer has committed all of them."""
-    ledger.flush()
-    return committed_rows(ledger)
 
 
 def billed(text: str) -> int:

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 from uuid import UUID, uuid4
 
 import pytest
-import sqlalchemy as sa
 import wrapt
+from helpers import rows
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableLambda
@@ -28,19 +28,10 @@ from tenacity import retry, stop_after_attempt, wait_none
 
 from langchain_tokenledger import Ledger, TrackedRunnable, track_usage, tracked
 from langchain_tokenledger.decorators import _instance_usages
-from langchain_tokenledger.schema import llm_calls
 from langchain_tokenledger.testing import FakeOpenAIServer
 
 MODEL = "gpt-4o-mini"
 PROMPT = ChatPromptTemplate.from_messages([("user", "{q}")])
-
-
-def rows(ledger: Ledger) -> list[dict[str, Any]]:
-    """Every row, once committed, in start order."""
-    ledger.flush()
-    with ledger.engine.connect() as conn:
-        stmt = sa.select(llm_calls).order_by(llm_calls.c.started_at, llm_calls.c.run_id)
-        return [dict(r) for r in conn.execute(stmt).mappings()]
 
 
 @pytest.fixture

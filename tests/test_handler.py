@@ -13,24 +13,15 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-import sqlalchemy as sa
+from helpers import rows
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 
 from langchain_tokenledger import Ledger, TokenLedgerHandler
-from langchain_tokenledger.schema import llm_calls
 from langchain_tokenledger.testing import FakeOpenAIServer
 
 MODEL = "gpt-4o-mini"
-
-
-def rows(ledger: Ledger) -> list[dict[str, Any]]:
-    """All rows, decoded, in start order."""
-    ledger.flush()
-    with ledger.engine.connect() as conn:
-        stmt = sa.select(llm_calls).order_by(llm_calls.c.started_at, llm_calls.c.run_id)
-        return [dict(r) for r in conn.execute(stmt).mappings()]
 
 
 def assert_reconciles(ledger: Ledger, server: FakeOpenAIServer) -> None:

@@ -18,6 +18,7 @@ from uuid import UUID, uuid4
 
 import pytest
 import sqlalchemy as sa
+from helpers import README, readme_queries
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
@@ -44,13 +45,6 @@ from langchain_tokenledger.views import MEASURES, dialect_of
 
 UTC = timezone.utc
 T = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
-DOCS = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def docs_text() -> str:
-    """The README's query section (between its ``queries:start``/``queries:end`` markers)."""
-    text = DOCS.read_text(encoding="utf-8")
-    return text[text.index("<!-- queries:start") : text.index("<!-- queries:end -->")]
 
 
 def call(run_id: str, root: str, root_name: str, at: datetime, **kw: Any) -> UsageRecord:
@@ -593,10 +587,10 @@ def test_the_python_session_in_the_docs_runs_as_shown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    text = docs_text()
+    text = readme_queries()
     blocks = re.findall(r"```pycon\n(.*?)```", text, re.DOTALL)
     assert len(blocks) == 5
-    test = doctest.DocTestParser().get_doctest("\n".join(blocks), {}, "README.md", str(DOCS), 0)
+    test = doctest.DocTestParser().get_doctest("\n".join(blocks), {}, "README.md", str(README), 0)
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     runner.run(test)
     assert (runner.failures, runner.tries) == (0, len(test.examples))

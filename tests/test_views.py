@@ -10,11 +10,11 @@ import re
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from helpers import readme_queries
 
 from langchain_tokenledger import Ledger, UsageRecord
 from langchain_tokenledger.query import as_utc, money
@@ -27,15 +27,6 @@ from langchain_tokenledger.views import (
     dialect_of,
     view_statements,
 )
-
-DOCS = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def docs_text() -> str:
-    """The README's query section (between its ``queries:start``/``queries:end`` markers)."""
-    text = DOCS.read_text(encoding="utf-8")
-    return text[text.index("<!-- queries:start") : text.index("<!-- queries:end -->")]
-
 
 UTC = timezone.utc
 
@@ -302,7 +293,7 @@ def documented_queries() -> dict[tuple[str, str], str]:
     """
     out: dict[tuple[str, str], str] = {}
     title, block = "", None
-    for line in docs_text().splitlines():
+    for line in readme_queries().splitlines():
         if block is not None:
             if line == "```":
                 label, *body = block

@@ -1,0 +1,32 @@
+"""Helpers shared by the test modules: reading back what a ledger committed, and the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from langchain_tokenledger import Ledger
+from langchain_tokenledger.schema import llm_calls
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def committed_rows(ledger: Ledger) -> list[dict[str, Any]]:
+    """The rows already in SQL (no flush: what a reader sees right now), in start order."""
+    with ledger.engine.connect() as conn:
+        stmt = sa.select(llm_calls).order_by(llm_calls.c.started_at, llm_calls.c.run_id)
+        return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def rows(ledger: Ledger) -> list[dict[str, Any]]:
+    """Every row, decoded by the column types, once the writer has committed all of them."""
+    ledger.flush()
+    return committed_rows(ledger)
+
+
+def readme_queries() -> str:
+    """The README's query section (between its ``queries:start``/``queries:end`` markers)."""
+    text = README.read_text(encoding="utf-8")
+    return text[text.index("<!-- queries:start") : text.index("<!-- queries:end -->")]
