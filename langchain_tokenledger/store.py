@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import marshal
 import os
 import queue
 import shutil
@@ -25,7 +26,7 @@ from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
@@ -40,15 +41,20 @@ if TYPE_CHECKING:
     from .handler import TokenLedgerHandler
     from .pricing import Pricer
     from .query import SummaryRow, When
+    from .writer_process import WriterProcess
 
 logger = logging.getLogger("langchain_tokenledger")
 
 _Prepared = tuple[list[UsageRecord], list["Price"], "list[Row] | Exception"]
 _SLICE = 32  # records priced and serialized between two GIL releases (measured best)
+_SEND_SLICE = 256  # records packed for the writer process between two GIL releases
 """A batch on its way to the database: records, their prices, and their rows (or why not)."""
 
 DEFAULT_URL = "sqlite:///tokenledger.db"
 URL_ENV = "TOKENLEDGER_URL"
+WRITER_ENV = "TOKENLEDGER_WRITER"
+WriterMode = Literal["process", "thread"]
+"""Where rows are priced and written: a writer process (the default) or threads of this one."""
 
 _DRIVER_DEFAULTS = {
     "postgresql": ("postgresql+psycopg", "postgres"),
@@ -169,6 +175,11 @@ class Ledger:
         max_pending: most records held in memory; past it :meth:`record` waits (back-pressure).
         fallback_dir: where rows that could not be written by :meth:`close` are saved.
         engine_kwargs: passed to :func:`sqlalchemy.create_engine`.
+        writer: ``"process"`` (default; ``$TOKENLEDGER_WRITER`` can change it) prices and writes
+            rows in a writer process shared by this process's ledgers, so that work does not
+            take the GIL from the application; ``"thread"`` does it in threads of this process
+            (also what a ledger falls back to when the writer process cannot run, and always
+            with ``engine_kwargs``, which cannot be sent to another process).
     """
 
     def __init__(
@@ -181,7 +192,11 @@ class Ledger:
         max_pending: int = 200_000,
         fallback_dir: str | os.PathLike[str] | None = None,
         engine_kwargs: Mapping[str, Any] | None = None,
+        writer: WriterMode | None = None,
     ) -> None:
+        mode = writer or os.environ.get(WRITER_ENV) or "process"
+        if mode not in ("process", "thread"):
+            raise ValueError(f"writer must be 'process' or 'thread', not {mode!r}")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if max_pending < batch_size:
@@ -195,7 +210,7 @@ class Ledger:
         engine_url, self._tempdir = _memory_as_temp_file(self.url)
         self.engine = _create_engine(engine_url, engine_kwargs or {})
         try:
-            create_schema(self.engine)
+            self._prepare_database()
         except SQLAlchemyError as exc:
             self.engine.dispose()
             raise LedgerError(
@@ -232,11 +247,24 @@ class Ledger:
         self._thread.start()
         self._io_thread.start()
         self._handlers: weakref.WeakSet[TokenLedgerHandler] = weakref.WeakSet()
+        # The writer process's side of the books: records it has, not yet confirmed written.
+        self._remote: WriterProcess | None = None
+        self._remote_options: dict[str, Any] | None = None  # until the first batch opens it
+        self._remote_key = 0
+        self._unacked: deque[UsageRecord] = deque()
+        self._remote_acked = 0
+        self._remote_finished = threading.Event()
+        if mode == "process" and engine_kwargs is None:
+            self._remote_options = self._options_for_remote(engine_url, prices)
         _live.add(self)
         _register_atexit()
 
     def __repr__(self) -> str:
         return f"Ledger({self.url.render_as_string(hide_password=True)!r})"
+
+    def _prepare_database(self) -> None:
+        """Connect, and create the schema if it is missing."""
+        create_schema(self.engine)
 
     def __enter__(self) -> Ledger:
         return self
@@ -281,6 +309,17 @@ class Ledger:
             self.record(r)
 
     # -- durability ----------------------------------------------------------------------
+
+    @property
+    def writer(self) -> WriterMode:
+        """Where this ledger's rows are written now: ``"process"`` or ``"thread"``.
+
+        Example:
+            >>> Ledger("sqlite://", writer="thread").writer
+            'thread'
+        """
+        remote = self._remote is not None or self._remote_options is not None
+        return "process" if remote else "thread"
 
     @property
     def pending(self) -> int:
@@ -329,12 +368,31 @@ class Ledger:
         self._wake.set()
         deadline = time.monotonic() + timeout + 5
         self._thread.join(timeout + 5)
+        self._close_remote(timeout)
         self._io_thread.join(max(0.0, deadline - time.monotonic()))
+        self._write_taken_back()
         self._writer.close()
         self.engine.dispose()
         if self._tempdir is not None:
             shutil.rmtree(self._tempdir, ignore_errors=True)
         _live.discard(self)
+
+    def _close_remote(self, timeout: float) -> None:
+        remote = self._remote
+        if remote is None:
+            return
+        sent = remote.send(("close", self._remote_key, timeout))
+        if sent and not self._remote_finished.wait(timeout + 5):
+            self._remote_lost(f"the writer process did not close in {timeout + 5:.0f}s")
+        remote.forget(self._remote_key)
+
+    def _write_taken_back(self) -> None:
+        """Write here what a writer process lost during close() had not confirmed."""
+        rest: list[UsageRecord] = []
+        while self._items:
+            rest.append(self._items.popleft())
+        for start in range(0, len(rest), self.batch_size):
+            self._write_until_done(*self._prepare(rest[start : start + self.batch_size]))
 
     # -- the writer thread ---------------------------------------------------------------
 
@@ -363,7 +421,8 @@ class Ledger:
                 if batch is None:
                     self._drain_after_close()
                     return
-                self._prepared.put(self._prepare(batch))
+                if not self._send_remote(batch):
+                    self._prepared.put(self._prepare(batch))
         finally:
             self._prepared.put(None)
 
@@ -490,7 +549,111 @@ class Ledger:
         while self._items:
             rest.append(self._items.popleft())
         for start in range(0, len(rest), self.batch_size):
-            self._prepared.put(self._prepare(rest[start : start + self.batch_size]))
+            batch = rest[start : start + self.batch_size]
+            if not self._send_remote(batch):
+                self._prepared.put(self._prepare(batch))
+
+    # -- the writer process (see writer_process.py) -------------------------------------
+
+    def _options_for_remote(
+        self, engine_url: sa.URL, prices: Mapping[str, Any] | str | os.PathLike[str] | None
+    ) -> dict[str, Any] | None:
+        """How the writer process opens this ledger; ``None`` if it cannot."""
+        if isinstance(prices, Mapping):
+            prices = dict(prices)
+            try:
+                marshal.dumps(prices)
+            except ValueError:  # values only this process can hold: price here
+                return None
+        elif prices is not None:
+            prices = str(Path(prices).resolve())
+        if engine_url.get_backend_name() == "sqlite" and engine_url.database:
+            # The writer process has its own working directory.
+            engine_url = engine_url.set(database=str(Path(engine_url.database).resolve()))
+        return {
+            "url": engine_url.render_as_string(hide_password=False),
+            "prices": prices,
+            "batch_size": self.batch_size,
+            "linger": min(self.linger, 0.005),
+            "max_pending": 2**62,  # bounded here: only what max_pending admits is sent
+            "fallback_dir": str(self.fallback_dir.resolve()),
+            "shown_as": repr(self),
+        }
+
+    def _connect_remote(self) -> None:
+        """Open this ledger in the writer process (on its first batch: a ledger that is only
+        read never starts one)."""
+        from .writer_process import WriterProcess
+
+        options, self._remote_options = self._remote_options, None
+        process = WriterProcess.shared()
+        if options is not None and process is not None:
+            key = process.open(self, options)
+            if key is not None:
+                self._remote, self._remote_key = process, key
+
+    def _send_remote(self, batch: list[UsageRecord]) -> bool:
+        """Hand ``batch`` to the writer process; ``False`` if it must be written here."""
+        if self._remote_options is not None:
+            self._connect_remote()
+        remote = self._remote
+        if remote is None:
+            return False
+        from .writer_process import encode_records
+
+        key = self._remote_key
+        with self._lock:
+            if self._remote is None:
+                return False
+            self._unacked.extend(batch)
+        # If the process is gone, _remote_lost has put this batch back in the queue.
+        for start in range(0, len(batch), _SEND_SLICE):
+            if not remote.send(("rows", key, encode_records(batch[start : start + _SEND_SLICE]))):
+                return True
+            time.sleep(0)  # let the application's threads in between slices (as _prepare)
+        if self._flush_wanted.is_set() or self._closed:
+            remote.send(("flush", key))
+        return True
+
+    def _remote_done(self, count: int) -> None:
+        with self._cv:
+            newly = count - self._remote_acked
+            if newly <= 0:
+                return
+            self._remote_acked = count
+            unacked = self._unacked
+            for _ in range(min(newly, len(unacked))):
+                unacked.popleft()
+            self._done += newly
+            if self._done >= self._enqueued:
+                self._flush_wanted.clear()
+            self._cv.notify_all()
+
+    def _remote_log(self, level: int, message: str) -> None:
+        logger.log(level, "%s", message)
+        if level >= logging.WARNING and "recovered" not in message:
+            self._last_error = LedgerError(message)
+
+    def _remote_closed(self, count: int) -> None:
+        self._remote_done(count)
+        self._remote_finished.set()
+
+    def _remote_lost(self, reason: str) -> None:
+        """The writer process is gone: write what it had not confirmed here (idempotently)."""
+        with self._cv:
+            if self._remote is None:
+                return
+            self._remote = None
+            back = self._unacked
+            self._unacked = deque()
+            self._items.extendleft(reversed(back))
+            self._cv.notify_all()
+        if not self._closed:
+            logger.warning(
+                "%r: %s; writing in this process (%d records taken back)", self, reason, len(back)
+            )
+        self._remote_finished.set()
+        self._wake.set()
 
     def _save_unwritten(self, batch: Sequence[UsageRecord], exc: BaseException) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S")

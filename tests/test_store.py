@@ -69,6 +69,14 @@ def full_record(run_id: str = "01900000-0000-7000-8000-000000000001", **kw: Any)
     return UsageRecord(**values)
 
 
+@pytest.fixture(autouse=True, params=["process", "thread"])
+def writer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with each writer: the writer process, and threads of this process
+    (what a ledger falls back to when the writer process cannot run)."""
+    monkeypatch.setenv("TOKENLEDGER_WRITER", request.param)
+    return str(request.param)
+
+
 def read_rows(ledger: Ledger) -> list[dict[str, Any]]:
     """Every row, decoded by SQLAlchemy's column types (JSON, Numeric, DateTime)."""
     with ledger.engine.connect() as conn:

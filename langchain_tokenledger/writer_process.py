@@ -1,0 +1,414 @@
+"""The writer process: prices, serializes and writes the ledger's rows outside the application.
+
+Pricing a record, turning it into a row and inserting it costs tens of microseconds of CPU per
+LLM call. In a thread of the application's own interpreter that CPU holds the GIL the
+application needs, so every call pays for it. Instead, each process runs one writer process
+(started on first use, shared by its ledgers): the ledger's thread only packs records into
+``marshal`` frames (a few microseconds each) and the writer process does the rest on another
+core, with the same code a thread-mode ledger runs (:class:`~langchain_tokenledger.Ledger`
+with ``writer="thread"``).
+
+Nothing is lost when the writer process is: a record counts as written only once the process
+reports it committed, and if the process dies the ledger takes every record it has not
+confirmed back and writes it itself (writes are idempotent on ``run_id``).
+
+Protocol: length-prefixed ``marshal`` frames, tuples of plain values.
+
+* to the process: ``("open", key, options)``, ``("rows", key, records)``, ``("flush", key)``,
+  ``("close", key, timeout)``
+* from it: ``("done", key, count)`` (records of that ledger committed or saved so far),
+  ``("log", key, level, message)``, ``("lost", key, reason)``, ``("closed", key, count)``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import marshal
+import numbers
+import os
+import struct
+import subprocess
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from decimal import Decimal
+from operator import attrgetter
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from .records import RECORD_FIELDS, UsageRecord
+from .store import Ledger
+
+logger = logging.getLogger("langchain_tokenledger")
+
+_HEADER = struct.Struct("<I")
+_UTC = timezone.utc
+_all_values = attrgetter(*RECORD_FIELDS)
+_COST = RECORD_FIELDS.index("cost_usd")
+_DATES = (RECORD_FIELDS.index("started_at"), RECORD_FIELDS.index("ended_at"))
+_JSON_FIELDS = {
+    RECORD_FIELDS.index(name): empty
+    for name, empty in (
+        ("usage_details", "{}"),
+        ("tags", "[]"),
+        ("metadata", "{}"),
+        ("notes", "[]"),
+    )
+}
+
+Message = tuple[Any, ...]
+
+
+# -- records <-> frames ----------------------------------------------------------------------
+
+
+def encode_records(records: Sequence[UsageRecord]) -> bytes:
+    """Records packed with ``marshal`` (see :func:`decode_records`).
+
+    Timestamps in UTC travel as POSIX floats (exact to the microsecond), others as ISO text;
+    costs as decimal text. A record holding something ``marshal`` refuses (a user object in its
+    metadata, say) is reduced to what its row would hold anyway: JSON-able values.
+
+    Example:
+        >>> packed = encode_records([UsageRecord(run_id="r1", total_tokens=3)])
+        >>> decode_records(packed) == [UsageRecord(run_id="r1", total_tokens=3)]
+        True
+    """
+    out: list[list[Any]] = []
+    for record in records:
+        values = list(_all_values(record))
+        for i in _DATES:
+            when = values[i]
+            if when is not None:
+                values[i] = when.timestamp() if when.tzinfo is _UTC else when.isoformat()
+        if values[_COST] is not None:
+            values[_COST] = str(values[_COST])
+        out.append(values)
+    try:
+        return marshal.dumps(out)
+    except ValueError:
+        return marshal.dumps([_plain(values) for values in out])
+
+
+def _plain(values: list[Any]) -> list[Any]:
+    try:
+        marshal.dumps(values)
+        return values
+    except ValueError:
+        pass
+    import json
+
+    from .writers import _json
+
+    plain: list[Any] = []
+    for i, value in enumerate(values):
+        empty = _JSON_FIELDS.get(i)
+        if empty is not None:
+            plain.append(json.loads(_json(value, empty)))
+        elif value is None or type(value) in (str, int, float, bool):
+            plain.append(value)
+        elif isinstance(value, numbers.Integral):
+            plain.append(int(value))
+        elif isinstance(value, numbers.Real):
+            plain.append(float(value))
+        else:
+            plain.append(str(value))
+    return plain
+
+
+def decode_records(packed: bytes) -> list[UsageRecord]:
+    """The records :func:`encode_records` packed."""
+    out: list[UsageRecord] = []
+    for values in marshal.loads(packed):
+        for i in _DATES:
+            when = values[i]
+            if when is not None:
+                values[i] = (
+                    datetime.fromtimestamp(when, _UTC)
+                    if when.__class__ is float
+                    else datetime.fromisoformat(when)
+                )
+        if values[_COST] is not None:
+            values[_COST] = Decimal(values[_COST])
+        out.append(UsageRecord(*values))
+    return out
+
+
+def _write_frame(stream: IO[bytes], message: Message) -> None:
+    data = marshal.dumps(message)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def _read_frame(stream: IO[bytes]) -> Message | None:
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(header)
+    data = stream.read(size)
+    if len(data) < size:
+        return None
+    message = marshal.loads(data)
+    assert isinstance(message, tuple)
+    return message
+
+
+# -- the application's side ------------------------------------------------------------------
+
+
+class Channel(Protocol):
+    """What the writer process reports back to a ledger (implemented by ``Ledger``)."""
+
+    def _remote_done(self, count: int) -> None: ...
+
+    def _remote_log(self, level: int, message: str) -> None: ...
+
+    def _remote_lost(self, reason: str) -> None: ...
+
+    def _remote_closed(self, count: int) -> None: ...
+
+
+class WriterProcess:
+    """The application's handle on its writer process: one per process, shared by ledgers.
+
+    Example:
+        >>> process = WriterProcess.shared()  # doctest: +SKIP
+    """
+
+    _shared: WriterProcess | None = None
+    _shared_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_parent, env.get("PYTHONPATH", "")) if p
+        )
+        self.pid = os.getpid()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "langchain_tokenledger.writer_process"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # a Ctrl-C meant for the application must not stop writes
+        )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._stdin = self._proc.stdin
+        self._stdout = self._proc.stdout
+        self._send_lock = threading.Lock()
+        self._channels: dict[int, weakref.ReferenceType[Channel]] = {}
+        self._next_key = 1
+        self._alive = True
+        self._reader = threading.Thread(
+            target=self._read, name="tokenledger-writer-process", daemon=True
+        )
+        self._reader.start()
+
+    @classmethod
+    def shared(cls) -> WriterProcess | None:
+        """This process's writer process, started on first use; ``None`` if it cannot run."""
+        with cls._shared_lock:
+            current = cls._shared
+            if current is None or not current._alive or current.pid != os.getpid():
+                try:
+                    current = cls._shared = cls()
+                except (OSError, ValueError) as exc:
+                    logger.warning(
+                        "langchain-tokenledger: no writer process (%r); writing in threads", exc
+                    )
+                    return None
+            return current
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process is running and reachable."""
+        return self._alive
+
+    @property
+    def process_id(self) -> int:
+        """The writer process's pid."""
+        return self._proc.pid
+
+    def open(self, channel: Channel, options: dict[str, Any]) -> int | None:
+        """Open a ledger in the process; its key, or ``None`` if the process is gone."""
+        with self._send_lock:
+            key = self._next_key
+            self._next_key += 1
+            self._channels[key] = weakref.ref(channel)
+        if not self.send(("open", key, options)):
+            self._channels.pop(key, None)
+            return None
+        return key
+
+    def send(self, message: Message) -> bool:
+        """Send one message; ``False`` if the process is gone."""
+        if not self._alive:
+            return False
+        try:
+            with self._send_lock:
+                _write_frame(self._stdin, message)
+        except (OSError, ValueError):  # a broken pipe, or a pipe closed by the reader
+            self._lose("the writer process stopped reading")
+            return False
+        return True
+
+    def forget(self, key: int) -> None:
+        """Stop routing messages for ``key`` (its ledger closed)."""
+        self._channels.pop(key, None)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = _read_frame(self._stdout)
+                if message is None:
+                    break
+                self._dispatch(message)
+        except Exception:
+            logger.exception("langchain-tokenledger: reading from the writer process failed")
+        code = self._proc.poll()
+        self._lose(f"the writer process ended (exit code {code})")
+
+    def _dispatch(self, message: Message) -> None:
+        kind, key = message[0], message[1]
+        ref = self._channels.get(key) if key is not None else None
+        channel = ref() if ref is not None else None
+        if kind == "log":
+            if channel is not None:
+                channel._remote_log(message[2], message[3])
+            else:
+                logger.log(message[2], "%s", message[3])
+        elif channel is None:
+            return
+        elif kind == "done":
+            channel._remote_done(message[2])
+        elif kind == "closed":
+            self._channels.pop(key, None)
+            channel._remote_closed(message[2])
+        elif kind == "lost":
+            self._channels.pop(key, None)
+            channel._remote_lost(message[2])
+
+    def _lose(self, reason: str) -> None:
+        with self._send_lock:
+            if not self._alive:
+                return
+            self._alive = False
+            channels = list(self._channels.values())
+            self._channels.clear()
+        with contextlib.suppress(OSError):
+            self._stdin.close()
+        for ref in channels:
+            channel = ref()
+            if channel is not None:
+                channel._remote_lost(reason)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the process's input (it closes its ledgers and exits) and wait for it."""
+        with self._send_lock:
+            self._alive = False
+            with contextlib.suppress(OSError):
+                self._stdin.close()
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+
+
+# -- the writer process ----------------------------------------------------------------------
+
+
+class _ChildLedger(Ledger):
+    """The writer process's thread-mode ledger for one of the application's ledgers; it
+    reports its progress to the application."""
+
+    def __init__(
+        self, key: int, report: Callable[[Message], None], shown_as: str, **options: Any
+    ) -> None:
+        self.key = key
+        self.report = report
+        self.shown_as = shown_as
+        super().__init__(**options, writer="thread")
+
+    def __repr__(self) -> str:
+        return self.shown_as
+
+    def _prepare_database(self) -> None:
+        """Nothing: the application's ledger created the schema (and a second creation could
+        race with what the application does to its database meanwhile)."""
+
+    def _write_until_done(self, batch: Any, prices: Any, rows: Any) -> None:
+        super()._write_until_done(batch, prices, rows)
+        self.report(("done", self.key, self._done))
+
+
+class _Forward(logging.Handler):
+    """Sends the process's log records to the application, which logs them as its own."""
+
+    def __init__(self, report: Callable[[Message], None]) -> None:
+        super().__init__(logging.DEBUG)
+        self.report = report
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                message = f"{message}: {record.exc_info[1]!r}"
+            owner = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            self.report(("log", getattr(owner, "key", None), record.levelno, message))
+        except Exception:
+            self.handleError(record)
+
+
+def main() -> None:
+    """The writer process: serve ledgers until the application closes our input."""
+    # marshal frames own the real stdout; a stray print() goes to stderr instead.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    source = sys.stdin.buffer
+    lock = threading.Lock()
+
+    def report(message: Message) -> None:
+        try:
+            with lock:
+                _write_frame(out, message)
+        except (OSError, ValueError):
+            pass  # the application is gone; its ledgers are closed below
+
+    log = logging.getLogger("langchain_tokenledger")
+    log.addHandler(_Forward(report))
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    ledgers: dict[int, Ledger] = {}
+    while True:
+        message = _read_frame(source)
+        if message is None:
+            break
+        kind, key = message[0], message[1]
+        try:
+            if kind == "rows":
+                ledgers[key].record_many(decode_records(message[2]))
+            elif kind == "flush":
+                ledger = ledgers[key]
+                ledger._flush_wanted.set()
+                ledger._wake.set()
+            elif kind == "open":
+                ledgers[key] = _ChildLedger(key, report, **message[2])
+            elif kind == "close":
+                ledger = ledgers.pop(key)
+                ledger.close(timeout=message[2])
+                report(("closed", key, ledger._done))
+        except Exception as exc:
+            log.exception("writer process: %s failed", kind)
+            failed = ledgers.pop(key, None)
+            if failed is not None:  # the application writes what it had not confirmed again
+                threading.Thread(target=failed.close, daemon=True).start()
+            report(("lost", key, f"{kind} failed in the writer process: {exc!r}"))
+    for ledger in ledgers.values():
+        ledger.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The writer process: rows priced and written outside the application, and nothing lost with it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from langchain_tokenledger import Ledger, LedgerError, UsageRecord
+from langchain_tokenledger.schema import llm_calls
+from langchain_tokenledger.writer_process import WriterProcess, decode_records, encode_records
+
+T0 = datetime(2026, 11, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
+
+
+class Opaque:
+    """A value only this process knows (the writer process could not unpickle it)."""
+
+    def __str__(self) -> str:
+        return "opaque!"
+
+
+def records() -> list[UsageRecord]:
+    """Records covering every kind of value a row can hold, odd ones included."""
+    return [
+        UsageRecord(
+            run_id="r-plain",
+            model="gpt-4o-mini",
+            provider="openai",
+            input_tokens=1200,
+            output_tokens=300,
+            total_tokens=1500,
+            usage_details={"input_tokens": 1200, "output_tokens": 300, "total_tokens": 1500},
+            started_at=T0,
+            ended_at=T0 + timedelta(seconds=1, microseconds=1),
+            latency_ms=1000.001,
+            tags=["a", "b"],
+            metadata={"user_id": "u1", "nested": {"k": [1, 2.5, None, True]}},
+            notes=["x"],
+        ),
+        UsageRecord(
+            run_id="r-priced",
+            model="my-model",
+            cost_usd=Decimal("0.000123456789"),
+            price_source="override",
+            started_at=datetime(2026, 11, 1, 13, 30, tzinfo=timezone(timedelta(hours=1))),
+        ),
+        UsageRecord(run_id="r-naive", started_at=datetime(2026, 11, 1, 12, 0, 0, 999999)),
+        UsageRecord(run_id="r-opaque", metadata={"who": Opaque(), "n": 3}, tags=["t"]),
+        UsageRecord(run_id="r-unknown-usage", model="gpt-4o-mini", usage_source="none"),
+    ]
+
+
+def read_rows(ledger: Ledger) -> list[dict[str, Any]]:
+    with ledger.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(llm_calls).order_by("run_id")).mappings()]
+
+
+def test_records_travel_to_the_writer_process_unchanged() -> None:
+    plain = [r for r in records() if r.run_id != "r-opaque"]
+    assert decode_records(encode_records(plain)) == plain
+
+
+def test_a_value_the_process_cannot_hold_travels_as_its_json_text() -> None:
+    [opaque] = [r for r in records() if r.run_id == "r-opaque"]
+    [received] = decode_records(encode_records([opaque]))
+    assert received.metadata == {"who": "opaque!", "n": 3}
+    assert received.replace(metadata=opaque.metadata) == opaque
+
+
+def test_the_default_ledger_writes_through_the_writer_process(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    process = WriterProcess.shared()
+    assert process is not None
+    assert ledger.writer == "process"
+    assert process.process_id != os.getpid()
+    ledger.record(
+        UsageRecord(
+            run_id="r1",
+            model="gpt-4o-mini",
+            provider="openai",
+            input_tokens=1_000_000,
+            output_tokens=0,
+            total_tokens=1_000_000,
+        )
+    )
+    ledger.flush()
+    assert ledger.query("SELECT cost_usd, price_source FROM llm_calls") == [
+        {"cost_usd": pytest.approx(0.15), "price_source": ledger.pricer.version}
+    ]
+    ledger.close()
+
+
+def test_both_writers_write_the_same_rows(backend_url: str, tmp_path: Path) -> None:
+    rows = {}
+    for mode in ("process", "thread"):
+        ledger = Ledger(backend_url, writer=mode, fallback_dir=tmp_path)
+        assert ledger.writer == mode
+        with ledger.engine.begin() as conn:
+            conn.execute(llm_calls.delete())
+        ledger.record_many(records())
+        ledger.flush()
+        rows[mode] = read_rows(ledger)
+        ledger.close()
+    assert len(rows["process"]) == len(records())
+    assert rows["process"] == rows["thread"]
+
+
+def test_price_overrides_apply_in_the_writer_process(tmp_path: Path) -> None:
+    prices = {"my-model": {"input": "2", "output": "8"}}
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}", prices=prices)
+    assert ledger.writer == "process"
+    ledger.record(UsageRecord(run_id="r1", model="my-model", input_tokens=1000, output_tokens=500))
+    ledger.flush()
+    assert ledger.query("SELECT price_source FROM llm_calls") == [{"price_source": "override"}]
+    assert ledger.summary()[0].cost_usd == Decimal("0.006")
+    ledger.close()
+
+
+def test_engine_kwargs_keep_the_writer_in_this_process(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}", engine_kwargs={"echo": False})
+    assert ledger.writer == "thread"
+    ledger.close()
+
+
+def test_the_writer_is_chosen_by_argument_or_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOKENLEDGER_WRITER", "thread")
+    ledger = Ledger(f"sqlite:///{tmp_path / 'a.db'}")
+    assert ledger.writer == "thread"
+    ledger.close()
+    ledger = Ledger(f"sqlite:///{tmp_path / 'b.db'}", writer="process")
+    assert ledger.writer == "process"
+    ledger.close()
+    monkeypatch.setenv("TOKENLEDGER_WRITER", "fork")
+    with pytest.raises(ValueError, match="writer must be 'process' or 'thread', not 'fork'"):
+        Ledger(f"sqlite:///{tmp_path / 'c.db'}")
+
+
+def _hide_table(url: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE llm_calls RENAME TO llm_calls_hidden"))
+    engine.dispose()
+
+
+def _restore_table(url: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE llm_calls_hidden RENAME TO llm_calls"))
+    engine.dispose()
+
+
+def test_records_the_writer_process_had_are_written_here_when_it_dies(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = Ledger(url, fallback_dir=tmp_path)
+    process = WriterProcess.shared()
+    assert process is not None and ledger.writer == "process"
+    _hide_table(url)  # the writer process receives the records but cannot write them
+    ledger.record_many([UsageRecord(run_id=f"r{i}", total_tokens=i) for i in range(300)])
+    deadline = time.monotonic() + 30
+    while len(ledger._unacked) < 300 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(ledger._unacked) == 300
+
+    os.kill(process.process_id, signal.SIGKILL)
+    _restore_table(url)
+    with caplog.at_level(logging.WARNING, logger="langchain_tokenledger"):
+        ledger.flush(timeout=60)
+
+    assert ledger.writer == "thread"
+    assert ledger.query("SELECT COUNT(*) AS n, SUM(total_tokens) AS s FROM llm_calls") == [
+        {"n": 300, "s": sum(range(300))}
+    ]
+    assert any("300 records taken back" in r.getMessage() for r in caplog.records)
+    ledger.close()
+    assert not list(tmp_path.glob("tokenledger-unwritten-*"))
+    # The next ledger gets a new writer process.
+    after = Ledger(f"sqlite:///{tmp_path / 'after.db'}")
+    assert after.writer == "process"
+    assert WriterProcess.shared() is not process
+    after.close()
+
+
+def test_the_writer_process_logs_through_this_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = Ledger(url, fallback_dir=tmp_path)
+    _hide_table(url)
+    ledger.record(UsageRecord(run_id="r1"))
+    failed = f"{ledger!r}: writing 1 rows failed (attempt 1), retrying: OperationalError"
+    with caplog.at_level(logging.WARNING, logger="langchain_tokenledger"):
+        deadline = time.monotonic() + 30
+        while not any(r.getMessage().startswith(failed) for r in caplog.records):
+            assert time.monotonic() < deadline, "the writer process's warning never arrived"
+            time.sleep(0.01)
+        with pytest.raises(LedgerError, match=r"1 records not written after 0\.1s.*no such table"):
+            ledger.flush(timeout=0.1)
+        _restore_table(url)
+        ledger.flush()
+    assert any("recovered" in r.getMessage() for r in caplog.records)
+    assert ledger.query("SELECT run_id FROM llm_calls") == [{"run_id": "r1"}]
+    ledger.close()
