@@ -220,6 +220,7 @@ def _context_worker(kind: str, prior: int, rounds: int, calls: int) -> dict[str,
             model.invoke("hi")
             with block():
                 model.invoke("hi")
+        ledger.flush()  # the writer process is up before the first timed block
         bare: list[float] = []
         inside: list[float] = []
         for r in range(rounds):

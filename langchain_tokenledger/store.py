@@ -304,9 +304,16 @@ class Ledger:
                 self._cv.wait(0.1)
 
     def record_many(self, records: Sequence[UsageRecord]) -> None:
-        """Queue several records."""
-        for r in records:
-            self.record(r)
+        """Queue several records (at once when there is room for all of them)."""
+        if self._closed or self._enqueued - self._done + len(records) > self.max_pending:
+            for r in records:
+                self.record(r)
+            return
+        with self._lock:
+            self._enqueued += len(records)
+            self._items.extend(records)
+        if self._writer_idle:
+            self._wake.set()
 
     # -- durability ----------------------------------------------------------------------
 
