@@ -172,9 +172,10 @@ class Scope:
 
     def outer_node(self, run_id: UUID) -> _Node | None:
         """The run-tree node of ``run_id`` as known to an enclosing block's handler."""
+        key = run_id.int
         scope = self.parent
         while scope is not None:
-            node = scope.handler._nodes.get(run_id)
+            node = scope.handler._nodes.get(key)
             if node is not None:
                 return node
             scope = scope.parent
@@ -220,44 +221,21 @@ class _ScopeHandler(TokenLedgerHandler):
     ) -> None:
         super().__init__(ledger, tags=tags, metadata=metadata, on_record=scope.record)
         self.scope = scope
-        self._deferred: set[str] = set()
+        self._nested = scope.parent is not None
 
-    def _enter(self, run_id: UUID, parent_run_id: UUID | None, name: str | None) -> _Node:
+    def _outer_node(self, run_id: UUID) -> _Node | None:
         # A block entered inside a running chain has not seen the chain start: borrow the
         # parent's node from an enclosing block so the row keeps its real root and ancestry.
-        if parent_run_id is not None and parent_run_id not in self._nodes:
-            node = self.scope.outer_node(parent_run_id)
-            if node is not None:
-                self._nodes[parent_run_id] = node
-                try:
-                    return super()._enter(run_id, parent_run_id, name)
-                finally:
-                    del self._nodes[parent_run_id]
-        return super()._enter(run_id, parent_run_id, name)
+        return self.scope.outer_node(run_id)
 
-    def _start_llm(
-        self,
-        serialized: Mapping[str, Any] | None,
-        run_id: UUID,
-        parent_run_id: UUID | None,
-        kwargs: Mapping[str, Any],
-    ) -> _LLMRun:
-        run = super()._start_llm(serialized, run_id, parent_run_id, kwargs)
+    def _claim(self, key: int, run: _LLMRun) -> None:
         scope = self.scope.parent
         while scope is not None:
             outer = scope.handler
-            if run_id in outer._llm_runs:
+            if key in outer._llm_runs:
                 with outer._lock:
-                    outer._deferred.add(str(run_id))
+                    outer._deferred.add(run.key)
             scope = scope.parent
-        return run
-
-    def _emit(self, record: UsageRecord) -> None:
-        if self._deferred and record.run_id in self._deferred:
-            with self._lock:
-                self._deferred.discard(record.run_id)
-            return  # an inner block's handler writes this call
-        super()._emit(record)
 
 
 class UsageTracker:

@@ -24,7 +24,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, GenerationChunk, LLMResult
 
 from . import usage as _usage
-from .records import Status, UsageRecord
+from .records import RECORD_FIELDS, Status, UsageRecord, make_record
 
 if TYPE_CHECKING:
     from .store import Ledger
@@ -38,10 +38,34 @@ SESSION_KEYS = ("session_id", "thread_id", "conversation_id")
 
 _INTERNAL_META = ("ls_", "lc_")
 """Metadata LangChain adds itself (``ls_provider``, ``lc_versions``): it has its own columns."""
+_LANGCHAIN_META = frozenset(
+    {
+        "lc_versions",
+        "ls_integration",
+        "ls_max_tokens",
+        "ls_model_name",
+        "ls_model_type",
+        "ls_provider",
+        "ls_stop",
+        "ls_structured_output_format",
+        "ls_temperature",
+    }
+)
+"""The usual internal keys: a run's metadata with no other key needs no filtering."""
+assert all(key.startswith(_INTERNAL_META) for key in _LANGCHAIN_META)
 _INTERNAL_TAG = "seq:step:"
+_NO_METADATA: Mapping[str, Any] = {}
 
 _CANCELLED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
 _UTC = timezone.utc
+
+
+def _uuid_text(run_id: UUID) -> str:
+    """``str(run_id)`` in about half the time (``UUID.__str__`` is pure Python)."""
+    if type(run_id) is not UUID:
+        return str(run_id)
+    h = run_id.int.to_bytes(16, "big").hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def strict_mode() -> bool:
@@ -69,31 +93,25 @@ class _Node:
     """A run the handler has seen start and not yet end.
 
     Run ids are kept as text (``root``, ``parent``, ``key``), each converted once: ``str(UUID)``
-    is pure Python and a call would otherwise convert the same ids again at every level.
+    is costly and a call would otherwise convert the same ids again at every level. The place
+    in the tree (``root`` ... ``key``) is filled by :meth:`TokenLedgerHandler._enter`.
     """
 
-    __slots__ = ("ancestry", "key", "name", "parent", "root", "root_name", "seen")
+    __slots__ = ("ancestry", "key", "name", "parent", "root", "root_name", "started")
 
-    def __init__(
-        self,
-        root: str,
-        root_name: str | None,
-        ancestry: str,
-        name: str | None,
-        parent: str | None = None,
-        key: str | None = None,
-    ) -> None:
-        self.root = root
-        self.root_name = root_name
-        self.ancestry = ancestry
+    root: str
+    root_name: str | None
+    ancestry: str
+    parent: str | None  # the parent run's id as text
+    key: str | None  # this run's id as text, once someone needed it (always, for an LLM call)
+
+    def __init__(self, name: str | None, started: float) -> None:
         self.name = name
-        self.parent = parent  # the parent run's id as text
-        self.key = key  # this run's id as text, once someone needed it
-        self.seen = time.monotonic()
+        self.started = started  # time.perf_counter(); also what eviction compares
 
 
-class _LLMRun:
-    """In-flight state of one LLM call."""
+class _LLMRun(_Node):
+    """In-flight state of one LLM call (also its node in the run tree)."""
 
     __slots__ = (
         "batch_size",
@@ -102,52 +120,48 @@ class _LLMRun:
         "messages",
         "metadata",
         "model_hint",
-        "name",
-        "node",
-        "parent",
         "prompts",
         "provider",
-        "started_mono",
         "started_wall",
         "tags",
     )
 
-    node: _Node
+    key: str  # set by _start_llm
 
     def __init__(
         self,
-        started_wall: float,
-        started_mono: float,
-        parent: UUID | None,
         name: str | None,
+        started: float,
+        started_wall: float,
         tags: list[str] | None,
         metadata: Mapping[str, Any],
         provider: str | None,
         model_hint: str | None,
         batch_size: int,
+        messages: Sequence[BaseMessage] | None,
+        prompts: Sequence[str] | None,
     ) -> None:
-        self.started_wall = started_wall
-        self.started_mono = started_mono
-        self.parent = parent
         self.name = name
+        self.started = started
+        self.started_wall = started_wall
         self.tags = tags
         self.metadata = metadata
         self.provider = provider
         self.model_hint = model_hint
         self.batch_size = batch_size
-        self.chunk_usages: list[Mapping[str, Any]] = []
+        self.messages = messages
+        self.prompts = prompts
+        self.chunk_usages: list[Mapping[str, Any]] | None = None
         self.first_token: float | None = None
-        self.messages: Sequence[BaseMessage] | None = None
-        self.prompts: Sequence[str] | None = None
 
 
-def _run_name(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> str | None:
-    name = kwargs.get("name")
+def _run_name(serialized: Mapping[str, Any] | None, name: Any) -> str | None:
     if name:
         return str(name)
     if serialized:
-        if serialized.get("name"):
-            return str(serialized["name"])
+        name = serialized.get("name")
+        if name:
+            return name if type(name) is str else str(name)
         ids = serialized.get("id")
         if ids:
             return str(ids[-1])
@@ -173,6 +187,10 @@ class TokenLedgerHandler(BaseCallbackHandler):
     """
 
     run_inline = True
+
+    _nested = False
+    """Whether enclosing handlers may track the same runs (a nested ``track_usage`` block's):
+    then :meth:`_outer_node` and :meth:`_claim` are consulted."""
 
     def __init__(
         self,
@@ -205,10 +223,11 @@ class TokenLedgerHandler(BaseCallbackHandler):
         self.stale_after = stale_after
         self.raise_error = strict_mode()
         self._lock = threading.Lock()
-        self._nodes: dict[UUID, _Node] = {}
-        self._llm_runs: dict[UUID, _LLMRun] = {}
-        self._starts = 0
-        self._next_sweep = time.monotonic() + min(60.0, stale_after)
+        # Keyed by ``run_id.int``: hashing a UUID calls the pure-Python UUID.__hash__.
+        self._nodes: dict[int, _Node] = {}
+        self._llm_runs: dict[int, _LLMRun] = {}
+        self._deferred: set[str] = set()  # run ids (text) whose row a nested handler writes
+        self._next_sweep = time.perf_counter() + min(60.0, stale_after)
         # Closing the ledger then writes our in-flight calls (a stand-in sink may not do that).
         handlers = getattr(ledger, "_handlers", None)
         if handlers is not None:
@@ -230,30 +249,46 @@ class TokenLedgerHandler(BaseCallbackHandler):
 
     # -- run tree ------------------------------------------------------------------------
 
-    def _enter(self, run_id: UUID, parent_run_id: UUID | None, name: str | None) -> _Node:
-        parent = self._nodes.get(parent_run_id) if parent_run_id is not None else None
+    def _enter(self, run_id: UUID, parent_run_id: UUID | None, node: _Node) -> None:
+        """Place ``node`` in the run tree and remember it (the caller holds the lock)."""
+        parent = None
+        if parent_run_id is not None:
+            parent = self._nodes.get(parent_run_id.int)
+            if parent is None and self._nested:
+                parent = self._outer_node(parent_run_id)
         if parent is None:  # a root, or a run whose parent started before this handler saw it
-            key = str(run_id)
-            pid = str(parent_run_id) if parent_run_id is not None else None
-            node = _Node(key, name, "", name, pid, key)
+            node.root = node.key = _uuid_text(run_id)
+            node.root_name = node.name
+            node.ancestry = ""
+            node.parent = _uuid_text(parent_run_id) if parent_run_id is not None else None
         else:
             pid = parent.key
             if pid is None:
-                pid = parent.key = str(parent_run_id)
-            ancestry = f"{parent.ancestry}/{pid}" if parent.ancestry else pid
-            node = _Node(parent.root, parent.root_name, ancestry, name, pid)
-        self._nodes[run_id] = node
-        self._starts += 1
-        return node
+                pid = parent.key = _uuid_text(parent_run_id)  # type: ignore[arg-type]  # not None
+            node.root = parent.root
+            node.root_name = parent.root_name
+            node.ancestry = f"{parent.ancestry}/{pid}" if parent.ancestry else pid
+            node.parent = pid
+            node.key = None
+        self._nodes[run_id.int] = node
 
-    def _maybe_sweep(self) -> None:
-        now = time.monotonic()
-        if now >= self._next_sweep:
-            self._next_sweep = now + min(60.0, self.stale_after)
-            self.evict_stale()
+    def _outer_node(self, run_id: UUID) -> _Node | None:
+        """The node of a run this handler has not seen start, as an enclosing handler knows it."""
+        return None
+
+    def _start(self, run_id: UUID, parent_run_id: UUID | None, name: str | None) -> None:
+        node = _Node(name, time.perf_counter())
+        with self._lock:
+            self._enter(run_id, parent_run_id, node)
+        if node.started >= self._next_sweep:
+            self._sweep(node.started)
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + min(60.0, self.stale_after)
+        self.evict_stale()
 
     def _leave(self, run_id: UUID) -> None:
-        self._nodes.pop(run_id, None)
+        self._nodes.pop(run_id.int, None)
 
     @_guarded
     def on_chain_start(
@@ -266,9 +301,7 @@ class TokenLedgerHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Remember the chain's place in the run tree."""
-        with self._lock:
-            self._enter(run_id, parent_run_id, _run_name(serialized, kwargs))
-        self._maybe_sweep()
+        self._start(run_id, parent_run_id, _run_name(serialized, kwargs.get("name")))
 
     @_guarded
     def on_tool_start(
@@ -281,9 +314,7 @@ class TokenLedgerHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Remember the tool's place in the run tree."""
-        with self._lock:
-            self._enter(run_id, parent_run_id, _run_name(serialized, kwargs))
-        self._maybe_sweep()
+        self._start(run_id, parent_run_id, _run_name(serialized, kwargs.get("name")))
 
     @_guarded
     def on_retriever_start(
@@ -296,9 +327,7 @@ class TokenLedgerHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Remember the retriever's place in the run tree."""
-        with self._lock:
-            self._enter(run_id, parent_run_id, _run_name(serialized, kwargs))
-        self._maybe_sweep()
+        self._start(run_id, parent_run_id, _run_name(serialized, kwargs.get("name")))
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Forget the chain."""
@@ -335,30 +364,49 @@ class TokenLedgerHandler(BaseCallbackHandler):
         serialized: Mapping[str, Any] | None,
         run_id: UUID,
         parent_run_id: UUID | None,
-        kwargs: Mapping[str, Any],
-    ) -> _LLMRun:
-        meta = kwargs.get("metadata") or {}
-        params = kwargs.get("invocation_params") or {}
-        name = _run_name(serialized, kwargs)
+        name: str | None,
+        tags: list[str] | None,
+        metadata: Mapping[str, Any] | None,
+        invocation_params: Mapping[str, Any] | None,
+        batch_size: int | None,
+        messages: Sequence[BaseMessage] | None,
+        prompts: Sequence[str] | None,
+    ) -> None:
+        meta = metadata or _NO_METADATA
+        model_hint = meta.get("ls_model_name")
+        if not model_hint:
+            params = invocation_params or _NO_METADATA
+            model_hint = params.get("model") or params.get("model_name")
         run = _LLMRun(
-            time.time(),
+            _run_name(serialized, name),
             time.perf_counter(),
-            parent_run_id,
-            name,
-            kwargs.get("tags"),
+            time.time(),
+            tags,
             meta,
             meta.get("ls_provider"),
-            meta.get("ls_model_name") or params.get("model") or params.get("model_name"),
-            kwargs.get("batch_size") or 1,
+            model_hint,
+            batch_size or 1,
+            messages,
+            prompts,
         )
+        key = run_id.int
         with self._lock:
-            run.node = self._enter(run_id, parent_run_id, name)
-            self._llm_runs[run_id] = run
-        self._maybe_sweep()
-        return run
+            self._enter(run_id, parent_run_id, run)
+            if run.key is None:
+                run.key = _uuid_text(run_id)
+            self._llm_runs[key] = run
+        if self._nested:
+            self._claim(key, run)
+        if run.started >= self._next_sweep:
+            self._sweep(run.started)
 
-    # The four LLM events catch their own faults (see _fault) rather than use @_guarded: they
-    # run on every call, and the decorator's *args/**kwargs re-packing costs about a microsecond.
+    def _claim(self, key: int, run: _LLMRun) -> None:
+        """Take over, from enclosing handlers, the row of a call they are tracking too."""
+
+    # The LLM events catch their own faults (see _fault) rather than use @_guarded, and name the
+    # keyword arguments LangChain passes: they run on every call, and the decorator's
+    # *args/**kwargs re-packing, or reading the arguments out of **kwargs, costs about a
+    # microsecond each.
 
     def on_chat_model_start(
         self,
@@ -367,12 +415,27 @@ class TokenLedgerHandler(BaseCallbackHandler):
         *,
         run_id: UUID,
         parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        invocation_params: dict[str, Any] | None = None,
+        name: str | None = None,
+        batch_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         """Open an LLM call (chat model)."""
         try:
-            run = self._start_llm(serialized, run_id, parent_run_id, kwargs)
-            run.messages = messages[0] if messages else None
+            self._start_llm(
+                serialized,
+                run_id,
+                parent_run_id,
+                name,
+                tags,
+                metadata,
+                invocation_params,
+                batch_size,
+                messages[0] if messages else None,
+                None,
+            )
         except Exception:
             if self._fault("on_chat_model_start"):
                 raise
@@ -384,12 +447,27 @@ class TokenLedgerHandler(BaseCallbackHandler):
         *,
         run_id: UUID,
         parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        invocation_params: dict[str, Any] | None = None,
+        name: str | None = None,
+        batch_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         """Open an LLM call (completion-style model)."""
         try:
-            run = self._start_llm(serialized, run_id, parent_run_id, kwargs)
-            run.prompts = prompts
+            self._start_llm(
+                serialized,
+                run_id,
+                parent_run_id,
+                name,
+                tags,
+                metadata,
+                invocation_params,
+                batch_size,
+                None,
+                prompts,
+            )
         except Exception:
             if self._fault("on_llm_start"):
                 raise
@@ -405,7 +483,7 @@ class TokenLedgerHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Note the first token's time and any usage a chunk carries."""
-        run = self._llm_runs.get(run_id)
+        run = self._llm_runs.get(run_id.int)
         if run is None:
             return
         if run.first_token is None:
@@ -414,12 +492,23 @@ class TokenLedgerHandler(BaseCallbackHandler):
         if message is not None:
             usage = getattr(message, "usage_metadata", None)
             if usage:
-                run.chunk_usages.append(usage)
+                if run.chunk_usages is None:
+                    run.chunk_usages = [usage]
+                else:
+                    run.chunk_usages.append(usage)
 
-    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+    def on_llm_end(
+        self,
+        response: LLMResult,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Close the call with status ``ok`` and its usage."""
         try:
-            self._finish(run_id, "ok", response, None, kwargs)
+            self._finish(run_id, "ok", response, None)
         except Exception:
             if self._fault("on_llm_end"):
                 raise
@@ -428,7 +517,7 @@ class TokenLedgerHandler(BaseCallbackHandler):
         """Close the call with status ``error`` (or ``cancelled``) and any usage it carried."""
         try:
             status: Status = "cancelled" if isinstance(error, _CANCELLED) else "error"
-            self._finish(run_id, status, kwargs.get("response"), error, kwargs)
+            self._finish(run_id, status, kwargs.get("response"), error)
         except Exception:
             if self._fault("on_llm_error"):
                 raise
@@ -444,103 +533,110 @@ class TokenLedgerHandler(BaseCallbackHandler):
         status: Status,
         response: LLMResult | None,
         error: BaseException | None,
-        kwargs: Mapping[str, Any],
     ) -> None:
-        ended_mono = time.perf_counter()
+        ended = time.perf_counter()
+        key = run_id.int
         with self._lock:
-            run = self._llm_runs.pop(run_id, None)
-            self._nodes.pop(run_id, None)
+            run = self._llm_runs.pop(key, None)
+            self._nodes.pop(key, None)
         if run is None:
             # An end without a start: a second end event for the same call (already recorded),
             # or a handler attached after the call began. The ledger's writes are idempotent on
             # run_id, so recording it is safe either way; but we have nothing to add.
             logger.debug("end event for unknown LLM run %s ignored", run_id)
             return
-        record = self._build(run_id, run, status, response, error, ended_mono)
-        self._emit(record)
+        self._emit(self._build(run, status, response, error, ended))
 
     def _build(
         self,
-        run_id: UUID,
         run: _LLMRun,
         status: Status,
         response: LLMResult | None,
         error: BaseException | None,
-        ended_mono: float,
+        ended: float,
         extra_notes: Sequence[str] = (),
     ) -> UsageRecord:
         u = _usage.usage_for_call(
             response,
             status=status,
-            chunk_usages=run.chunk_usages,
+            chunk_usages=run.chunk_usages or (),
             batch_size=run.batch_size,
             model_hint=run.model_hint,
             prompts=run.prompts,
             messages=run.messages,
         )
-        notes = list(extra_notes)
-        status_code = getattr(error, "status_code", None)
-        if isinstance(status_code, int):
-            notes.append(f"http_status:{status_code}")
-        notes.extend(u.notes)
-        model = u.model
-        node = run.node
-        merged_meta = {
-            key: value for key, value in run.metadata.items() if not key.startswith(_INTERNAL_META)
-        }
-        if self.metadata:
-            merged_meta = {**self.metadata, **merged_meta}
+        notes = u.notes  # u is ours alone
+        if error is not None or extra_notes:
+            notes = list(extra_notes)
+            status_code = getattr(error, "status_code", None)
+            if isinstance(status_code, int):
+                notes.append(f"http_status:{status_code}")
+            notes.extend(u.notes)
+        run_meta = run.metadata
+        if _LANGCHAIN_META.issuperset(run_meta):
+            metadata = self.metadata.copy()
+        else:
+            metadata = {
+                key: value for key, value in run_meta.items() if not key.startswith(_INTERNAL_META)
+            }
+            if self.metadata:
+                metadata = {**self.metadata, **metadata}
         tags = list(self.tags)
         if run.tags:
             for tag in run.tags:
                 if tag not in tags and not tag.startswith(_INTERNAL_TAG):
                     tags.append(tag)
-        session_id = None
-        for key in SESSION_KEYS:
-            if merged_meta.get(key) is not None:
-                session_id = str(merged_meta[key])
-                break
-        user_id = merged_meta.get("user_id")
-        latency = (ended_mono - run.started_mono) * 1000.0
-        return UsageRecord(
-            run_id=node.key or str(run_id),
-            parent_run_id=node.parent,
-            root_run_id=node.root,
-            root_name=node.root_name,
-            run_name=run.name,
-            provider=run.provider,
-            model=model,
-            status=status,
-            error_type=type(error).__name__ if error is not None else None,
-            input_tokens=u.input_tokens,
-            output_tokens=u.output_tokens,
-            total_tokens=u.total_tokens,
-            cache_read_tokens=u.cache_read_tokens,
-            cache_creation_tokens=u.cache_creation_tokens,
-            reasoning_tokens=u.reasoning_tokens,
-            cache_hit=u.cache_hit,
-            usage_source=u.source,
-            usage_details=u.details,
-            streamed=run.first_token is not None,
-            started_at=datetime.fromtimestamp(run.started_wall, _UTC),
-            ended_at=datetime.fromtimestamp(
-                run.started_wall + (ended_mono - run.started_mono), _UTC
-            ),
-            latency_ms=latency,
-            ttft_ms=(
-                (run.first_token - run.started_mono) * 1000.0
-                if run.first_token is not None
-                else None
-            ),
-            user_id=str(user_id) if user_id is not None else None,
-            session_id=session_id,
-            tags=tags,
-            metadata=merged_meta,
-            notes=notes,
-            ancestry=node.ancestry,
+        session_id = user_id = None
+        if metadata:
+            for key in SESSION_KEYS:
+                if metadata.get(key) is not None:
+                    session_id = str(metadata[key])
+                    break
+            user = metadata.get("user_id")
+            if user is not None:
+                user_id = str(user)
+        elapsed = ended - run.started
+        first_token = run.first_token
+        # Positional, in the order _RECORD_ORDER checks (see make_record for why).
+        return make_record(
+            run.key,  # run_id
+            run.parent,  # parent_run_id
+            run.root,  # root_run_id
+            run.root_name,
+            run.name,  # run_name
+            run.provider,
+            u.model,
+            status,
+            type(error).__name__ if error is not None else None,  # error_type
+            u.input_tokens,
+            u.output_tokens,
+            u.total_tokens,
+            u.cache_read_tokens,
+            u.cache_creation_tokens,
+            u.reasoning_tokens,
+            None,  # cost_usd: priced by the ledger's writer
+            None,  # price_source
+            u.cache_hit,
+            u.source,  # usage_source
+            u.details,  # usage_details
+            first_token is not None,  # streamed
+            datetime.fromtimestamp(run.started_wall, _UTC),  # started_at
+            datetime.fromtimestamp(run.started_wall + elapsed, _UTC),  # ended_at
+            elapsed * 1000.0,  # latency_ms
+            (first_token - run.started) * 1000.0 if first_token is not None else None,  # ttft_ms
+            user_id,
+            session_id,
+            tags,
+            metadata,
+            notes,
+            run.ancestry,
         )
 
     def _emit(self, record: UsageRecord) -> None:
+        if self._deferred and record.run_id in self._deferred:
+            with self._lock:
+                self._deferred.discard(record.run_id)
+            return  # a nested handler writes this call
         self.ledger.record(record)
         if self.on_record is not None:
             self.on_record(record)
@@ -558,9 +654,9 @@ class TokenLedgerHandler(BaseCallbackHandler):
             >>> handler.evict_stale()  # doctest: +SKIP
             0
         """
-        cutoff = time.monotonic() - self.stale_after
+        cutoff = time.perf_counter() - self.stale_after
         with self._lock:
-            stale = [rid for rid, node in self._nodes.items() if node.seen < cutoff]
+            stale = [rid for rid, node in self._nodes.items() if node.started < cutoff]
         return self._end_runs(stale, "evicted_without_end")
 
     def close_in_flight(self, note: str = "unfinished_at_close") -> int:
@@ -580,17 +676,17 @@ class TokenLedgerHandler(BaseCallbackHandler):
     def _cancel_children(self, parent_run_id: UUID) -> None:
         """End the in-flight LLM calls under a cancelled run (LangChain reports no end for a
         chat model call cancelled while awaiting its provider)."""
-        key = str(parent_run_id)
+        key = _uuid_text(parent_run_id)
         with self._lock:
             children = [
                 rid
                 for rid, run in self._llm_runs.items()
-                if run.parent == parent_run_id or key in run.node.ancestry
+                if run.parent == key or key in run.ancestry
             ]
         self._end_runs(children, "cancelled_with_parent", evict_nodes=False)
 
-    def _end_runs(self, run_ids: list[UUID], note: str, *, evict_nodes: bool = True) -> int:
-        runs: list[tuple[UUID, _LLMRun]] = []
+    def _end_runs(self, run_ids: list[int], note: str, *, evict_nodes: bool = True) -> int:
+        runs: list[_LLMRun] = []
         with self._lock:
             for rid in run_ids:
                 if evict_nodes:
@@ -598,12 +694,49 @@ class TokenLedgerHandler(BaseCallbackHandler):
                 run = self._llm_runs.pop(rid, None)
                 if run is not None:
                     self._nodes.pop(rid, None)
-                    runs.append((rid, run))
+                    runs.append(run)
         if runs and note != "cancelled_with_parent":
             logger.warning(
                 "%d LLM calls never reported their end: written as cancelled (%s)", len(runs), note
             )
         now = time.perf_counter()
-        for rid, run in runs:
-            self._emit(self._build(rid, run, "cancelled", None, None, now, extra_notes=(note,)))
+        for run in runs:
+            self._emit(self._build(run, "cancelled", None, None, now, extra_notes=(note,)))
         return len(runs)
+
+
+# The fields in the order TokenLedgerHandler._build passes them to make_record.
+_RECORD_ORDER = (
+    "run_id",
+    "parent_run_id",
+    "root_run_id",
+    "root_name",
+    "run_name",
+    "provider",
+    "model",
+    "status",
+    "error_type",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cache_read_tokens",
+    "cache_creation_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "price_source",
+    "cache_hit",
+    "usage_source",
+    "usage_details",
+    "streamed",
+    "started_at",
+    "ended_at",
+    "latency_ms",
+    "ttft_ms",
+    "user_id",
+    "session_id",
+    "tags",
+    "metadata",
+    "notes",
+    "ancestry",
+)
+assert RECORD_FIELDS == _RECORD_ORDER, "update TokenLedgerHandler._build"

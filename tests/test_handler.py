@@ -9,17 +9,23 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
-from uuid import uuid4
+from types import MappingProxyType
+from typing import Any, cast
+from uuid import NAMESPACE_DNS, UUID, uuid1, uuid4, uuid5
 
 import pytest
 from helpers import rows
+from langchain_core.messages import AIMessage
 from langchain_core.output_parsers import StrOutputParser
+from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 
 from langchain_tokenledger import Ledger, TokenLedgerHandler
+from langchain_tokenledger.handler import _uuid_text
+from langchain_tokenledger.records import UsageRecord
 from langchain_tokenledger.testing import FakeOpenAIServer
+from langchain_tokenledger.usage import from_usage_metadata
 
 MODEL = "gpt-4o-mini"
 
@@ -425,3 +431,105 @@ async def test_a_call_that_never_ends_is_written_when_the_ledger_closes(
     assert (row["status"], row["model"]) == ("cancelled", MODEL)
     assert row["notes"] == ["unfinished_at_close", "usage_unknown"]
     assert handler.in_flight == 0
+
+
+# -- fast paths give the same rows -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "run_id",
+    [uuid1(), uuid4(), uuid5(NAMESPACE_DNS, "x"), UUID(int=0), UUID(int=2**128 - 1), UUID(int=1)],
+)
+def test_run_ids_are_written_as_their_canonical_text(run_id: UUID) -> None:
+    assert _uuid_text(run_id) == str(run_id)
+
+
+class _Records:
+    """A stand-in ledger that keeps what it is given."""
+
+    _handlers = None
+
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    def record(self, record: UsageRecord) -> None:
+        self.records.append(record)
+
+
+def _chat_result(usage: dict[str, Any], model: str | None = "m1") -> LLMResult:
+    message = AIMessage("ok", response_metadata={"model_name": model} if model else {})
+    message.usage_metadata = usage  # type: ignore[assignment]  # any shape, unvalidated
+    return LLMResult(generations=[[ChatGeneration(message=message)]])
+
+
+def test_metadata_with_only_langchains_keys_gives_a_copy_of_the_handlers_defaults() -> None:
+    sink = _Records()
+    handler = TokenLedgerHandler(cast(Ledger, sink), metadata={"user_id": "u1"})
+    run_id = uuid4()
+    meta = {"ls_provider": "openai", "ls_model_name": MODEL, "lc_versions": {"x": "1"}}
+    handler.on_chat_model_start({"name": "Chat"}, [[]], run_id=run_id, metadata=meta)
+    handler.on_llm_end(_chat_result({"input_tokens": 1, "output_tokens": 2}), run_id=run_id)
+
+    [record] = sink.records
+    assert record.metadata == {"user_id": "u1"}
+    assert record.metadata is not handler.metadata
+    assert (record.user_id, record.provider, record.run_id) == ("u1", "openai", str(run_id))
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ({"input_tokens": 9, "output_tokens": 3}, (9, 3, 12, None, None, None, [])),
+        (
+            {
+                "input_tokens": 9,
+                "output_tokens": 3,
+                "total_tokens": 13,
+                "input_token_details": {"audio": 0, "cache_read": 10, "cache_creation": 1},
+                "output_token_details": {"reasoning": 4},
+            },
+            (
+                9,
+                3,
+                13,
+                10,
+                1,
+                4,
+                ["total_mismatch", "cache_exceeds_input", "reasoning_exceeds_output"],
+            ),
+        ),
+        (
+            {
+                "input_tokens": 9,
+                "output_tokens": 3,
+                "input_token_details": {"priority_cache_read": 2, "cache_read": 1, "priority": 6},
+                "output_token_details": {"flex_reasoning": 1, "reasoning": 1},
+            },
+            (9, 3, 12, 3, None, 2, []),
+        ),
+    ],
+)
+def test_plain_integer_usage_counts_as_the_general_rules_do(
+    usage: dict[str, Any], expected: tuple[Any, ...]
+) -> None:
+    sink = _Records()
+    handler = TokenLedgerHandler(cast(Ledger, sink))
+    run_id = uuid4()
+    handler.on_chat_model_start({"name": "Chat"}, [[]], run_id=run_id)
+    handler.on_llm_end(_chat_result(usage), run_id=run_id)
+
+    [r] = sink.records
+    got = (r.input_tokens, r.output_tokens, r.total_tokens, r.cache_read_tokens)
+    got += (r.cache_creation_tokens, r.reasoning_tokens, r.notes)
+    assert got == expected
+    general = from_usage_metadata(MappingProxyType(usage))  # not a dict: the general path
+    assert got == (
+        general.input_tokens,
+        general.output_tokens,
+        general.total_tokens,
+        general.cache_read_tokens,
+        general.cache_creation_tokens,
+        general.reasoning_tokens,
+        general.notes,
+    )
+    assert r.usage_details == general.details == usage and r.usage_details is not usage

@@ -1,0 +1,106 @@
+"""UsageRecord construction: the fast ``__init__`` and ``make_record`` behave as the dataclass."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from langchain_tokenledger.records import RECORD_FIELDS, UsageRecord, make_record
+
+VALUES: dict[str, Any] = {
+    "run_id": "r1",
+    "parent_run_id": "p1",
+    "root_run_id": "p0",
+    "root_name": "Root",
+    "run_name": "ChatOpenAI",
+    "provider": "openai",
+    "model": "gpt-4o-mini",
+    "status": "error",
+    "error_type": "RateLimitError",
+    "input_tokens": 10,
+    "output_tokens": 5,
+    "total_tokens": 15,
+    "cache_read_tokens": 2,
+    "cache_creation_tokens": 1,
+    "reasoning_tokens": 3,
+    "cost_usd": Decimal("0.5"),
+    "price_source": "builtin",
+    "cache_hit": True,
+    "usage_source": "estimated",
+    "usage_details": {"input_tokens": 10},
+    "streamed": True,
+    "started_at": datetime(2025, 1, 1, tzinfo=timezone.utc),
+    "ended_at": datetime(2025, 1, 1, 0, 0, 1, tzinfo=timezone.utc),
+    "latency_ms": 1000.0,
+    "ttft_ms": 20.0,
+    "user_id": "u1",
+    "session_id": "s1",
+    "tags": ["a"],
+    "metadata": {"k": "v"},
+    "notes": ["n"],
+    "ancestry": "p0/p1",
+}
+
+
+def test_every_field_is_covered() -> None:
+    assert tuple(VALUES) == RECORD_FIELDS
+
+
+@pytest.mark.parametrize("build", [UsageRecord, make_record], ids=["class", "make_record"])
+def test_keyword_and_positional_construction_set_every_field(build: Any) -> None:
+    for record in (build(**VALUES), build(*VALUES.values())):
+        assert type(record) is UsageRecord
+        assert {name: getattr(record, name) for name in RECORD_FIELDS} == VALUES
+
+
+@pytest.mark.parametrize("build", [UsageRecord, make_record], ids=["class", "make_record"])
+def test_defaults_are_the_dataclass_defaults_and_factories_are_fresh(build: Any) -> None:
+    first, second = build(run_id="a"), build(run_id="b")
+    for f in dataclasses.fields(UsageRecord):
+        if f.name == "run_id":
+            continue
+        expected = f.default_factory() if callable(f.default_factory) else f.default
+        assert getattr(first, f.name) == expected, f.name
+    assert first.tags is not second.tags and first.metadata is not second.metadata
+    assert build(run_id="c", tags=None).tags is None  # an explicit None is kept
+
+
+@pytest.mark.parametrize("build", [UsageRecord, make_record], ids=["class", "make_record"])
+def test_a_built_record_is_frozen_and_behaves_as_a_dataclass(build: Any) -> None:
+    record = build(**VALUES)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.model = "other"
+    assert record == UsageRecord(**VALUES)
+    assert dataclasses.replace(record, model="b") == record.replace(model="b")
+    assert pickle.loads(pickle.dumps(record)) == record
+    assert copy.deepcopy(record) == record
+    assert repr(record) == repr(UsageRecord(**VALUES))
+
+
+def test_bad_arguments_fail_as_for_the_dataclass() -> None:
+    with pytest.raises(TypeError, match="run_id"):
+        UsageRecord()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="bogus"):
+        make_record(run_id="r", bogus=1)  # type: ignore[call-arg]
+
+
+def test_subclasses_still_construct() -> None:
+    class Plain(UsageRecord):
+        pass
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Extended(UsageRecord):
+        extra: int = 0
+
+    plain = Plain(run_id="a", model="m")
+    assert type(plain) is Plain and plain.model == "m" and plain.tags == []
+    extended = Extended(run_id="b", extra=3)
+    assert (type(extended), extended.extra, extended.notes) == (Extended, 3, [])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plain.model = "x"
