@@ -155,6 +155,52 @@ class _LLMRun(_Node):
         self.first_token: float | None = None
 
 
+class _PendingCall:
+    """A finished LLM call whose record the ledger's writer builds (``Ledger.record_pending``).
+
+    Between two pieces of the application's work, building a record costs about twice what it
+    costs in the writer's loop over a batch (cold caches), so the callback only hands this over.
+    """
+
+    __slots__ = ("ended", "error", "handler", "run", "status", "usage")
+
+    def __init__(
+        self,
+        handler: TokenLedgerHandler,
+        run: _LLMRun,
+        usage: _usage.Usage,
+        status: Status,
+        error: BaseException | None,
+        ended: float,
+    ) -> None:
+        self.handler = handler
+        self.run = run
+        self.usage = usage
+        self.status = status
+        self.error = error
+        self.ended = ended
+
+    def build(self) -> UsageRecord:
+        return self.handler._record(self.run, self.usage, self.status, self.error, self.ended)
+
+    def fallback(self) -> UsageRecord:
+        run = self.run
+        return UsageRecord(
+            run_id=run.key,
+            parent_run_id=run.parent,
+            root_run_id=run.root,
+            root_name=run.root_name,
+            run_name=run.name,
+            provider=run.provider,
+            model=run.model_hint,
+            status=self.status,
+            usage_source="none",
+            started_at=datetime.fromtimestamp(run.started_wall, _UTC),
+            notes=["record_build_failed"],
+            ancestry=run.ancestry,
+        )
+
+
 def _run_name(serialized: Mapping[str, Any] | None, name: Any) -> str | None:
     if name:
         return str(name)
@@ -227,6 +273,10 @@ class TokenLedgerHandler(BaseCallbackHandler):
         self._nodes: dict[int, _Node] = {}
         self._llm_runs: dict[int, _LLMRun] = {}
         self._deferred: set[str] = set()  # run ids (text) whose row a nested handler writes
+        # A ledger builds our records in its writer (a stand-in sink gets them built).
+        self._record_pending: Callable[[_PendingCall], None] | None = getattr(
+            ledger, "record_pending", None
+        )
         self._next_sweep = time.perf_counter() + min(60.0, stale_after)
         # Closing the ledger then writes our in-flight calls (a stand-in sink may not do that).
         handlers = getattr(ledger, "_handlers", None)
@@ -545,7 +595,13 @@ class TokenLedgerHandler(BaseCallbackHandler):
             # run_id, so recording it is safe either way; but we have nothing to add.
             logger.debug("end event for unknown LLM run %s ignored", run_id)
             return
-        self._emit(self._build(run, status, response, error, ended))
+        if self._record_pending is not None and self.on_record is None and not self._deferred:
+            # The usage is read now: the response's messages are the application's (an LLM
+            # cache, for one, rewrites the cached message's usage on its next hit).
+            usage = self._usage_of(run, status, response)
+            self._record_pending(_PendingCall(self, run, usage, status, error, ended))
+        else:
+            self._emit(self._build(run, status, response, error, ended))
 
     def _build(
         self,
@@ -556,7 +612,12 @@ class TokenLedgerHandler(BaseCallbackHandler):
         ended: float,
         extra_notes: Sequence[str] = (),
     ) -> UsageRecord:
-        u = _usage.usage_for_call(
+        u = self._usage_of(run, status, response)
+        return self._record(run, u, status, error, ended, extra_notes)
+
+    @staticmethod
+    def _usage_of(run: _LLMRun, status: Status, response: LLMResult | None) -> _usage.Usage:
+        return _usage.usage_for_call(
             response,
             status=status,
             chunk_usages=run.chunk_usages or (),
@@ -565,6 +626,16 @@ class TokenLedgerHandler(BaseCallbackHandler):
             prompts=run.prompts,
             messages=run.messages,
         )
+
+    def _record(
+        self,
+        run: _LLMRun,
+        u: _usage.Usage,
+        status: Status,
+        error: BaseException | None,
+        ended: float,
+        extra_notes: Sequence[str] = (),
+    ) -> UsageRecord:
         notes = u.notes  # u is ours alone
         if error is not None or extra_notes:
             notes = list(extra_notes)

@@ -26,7 +26,7 @@ from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
@@ -63,6 +63,23 @@ _DRIVER_DEFAULTS = {
     "mariadb": ("mariadb+pymysql", "mysql"),
 }
 _EXTRAS = {"psycopg": "postgres", "pymysql": "mysql"}
+
+
+class PendingRecord(Protocol):
+    """A record the ledger's writer builds when it takes it from the queue.
+
+    The handler queues one per finished LLM call instead of a :class:`UsageRecord`: building
+    records one after another in the writer is cheaper than building each between two pieces
+    of the application's own work (see :meth:`Ledger.record_pending`).
+    """
+
+    def build(self) -> UsageRecord:
+        """The record."""
+        ...
+
+    def fallback(self) -> UsageRecord:
+        """What is written if :meth:`build` fails (the fault is logged): never no row."""
+        ...
 
 
 class LedgerError(RuntimeError):
@@ -224,7 +241,7 @@ class Ledger:
         self.max_pending = max_pending
         # The hot path appends under a plain lock (a C-level acquire, no Condition) and wakes
         # the writer only when it sleeps; flush() and back-pressure wait on _cv.
-        self._items: deque[UsageRecord] = deque()
+        self._items: deque[UsageRecord | PendingRecord] = deque()
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._enqueued = 0
@@ -286,6 +303,19 @@ class Ledger:
         with self._lock:
             self._enqueued += 1
             self._items.append(record)
+        if self._writer_idle:
+            self._wake.set()
+
+    def record_pending(self, pending: PendingRecord) -> None:
+        """Queue a record that the writer builds when it takes it (as :meth:`record`)."""
+        if self._closed:
+            self.record(_built(pending))
+            return
+        if self._enqueued - self._done - self._executing >= self.max_pending:
+            self._wait_for_room()
+        with self._lock:
+            self._enqueued += 1
+            self._items.append(pending)
         if self._writer_idle:
             self._wake.set()
 
@@ -397,7 +427,7 @@ class Ledger:
         """Write here what a writer process lost during close() had not confirmed."""
         rest: list[UsageRecord] = []
         while self._items:
-            rest.append(self._items.popleft())
+            rest.append(_built(self._items.popleft()))
         for start in range(0, len(rest), self.batch_size):
             self._write_until_done(*self._prepare(rest[start : start + self.batch_size]))
 
@@ -419,7 +449,7 @@ class Ledger:
         if len(items) < self.batch_size and not self._closed:
             self._flush_wanted.wait(self.linger)  # let a batch build up; flush/close cut it short
         popleft = items.popleft
-        return [popleft() for _ in range(min(len(items), self.batch_size))]
+        return [_built(popleft()) for _ in range(min(len(items), self.batch_size))]
 
     def _run(self) -> None:
         try:
@@ -554,7 +584,7 @@ class Ledger:
         # Records appended by a record() call that raced with close().
         rest: list[UsageRecord] = []
         while self._items:
-            rest.append(self._items.popleft())
+            rest.append(_built(self._items.popleft()))
         for start in range(0, len(rest), self.batch_size):
             batch = rest[start : start + self.batch_size]
             if not self._send_remote(batch):
@@ -786,6 +816,16 @@ def price_of(pricer: Pricer, record: UsageRecord) -> Price:
     if result.notes:
         notes = [*notes, *(n for n in result.notes if n not in notes)]
     return result.cost_usd, result.price_source, notes
+
+
+def _built(item: UsageRecord | PendingRecord) -> UsageRecord:
+    if isinstance(item, UsageRecord):
+        return item
+    try:
+        return item.build()
+    except Exception:  # a bug: log it, and still write the call
+        logger.exception("langchain-tokenledger: building a record failed; written as unknown")
+        return item.fallback()
 
 
 def _json_default(value: Any) -> Any:
