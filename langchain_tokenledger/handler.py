@@ -272,6 +272,9 @@ class TokenLedgerHandler(BaseCallbackHandler):
         # Keyed by ``run_id.int``: hashing a UUID calls the pure-Python UUID.__hash__.
         self._nodes: dict[int, _Node] = {}
         self._llm_runs: dict[int, _LLMRun] = {}
+        # In-flight calls that have not streamed a token yet: once a stream's first token is
+        # noted, its other tokens cost one check here (on_llm_new_token runs for every chunk).
+        self._awaiting_token: dict[int, _LLMRun] = {}
         self._deferred: set[str] = set()  # run ids (text) whose row a nested handler writes
         # A ledger builds our records in its writer (a stand-in sink gets them built).
         self._record_pending: Callable[[_PendingCall], None] | None = getattr(
@@ -445,6 +448,7 @@ class TokenLedgerHandler(BaseCallbackHandler):
             if run.key is None:
                 run.key = _uuid_text(run_id)
             self._llm_runs[key] = run
+            self._awaiting_token[key] = run
         if self._nested:
             self._claim(key, run)
         if run.started >= self._next_sweep:
@@ -533,15 +537,17 @@ class TokenLedgerHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Note the first token's time and any usage a chunk carries."""
-        run = self._llm_runs.get(run_id.int)
-        if run is None:
+        if self._awaiting_token:
+            run = self._awaiting_token.pop(run_id.int, None)
+            if run is not None:
+                run.first_token = time.perf_counter()
+        try:
+            usage = chunk.message.usage_metadata  # type: ignore[union-attr]
+        except AttributeError:  # a completion-style chunk, or none
             return
-        if run.first_token is None:
-            run.first_token = time.perf_counter()
-        message = getattr(chunk, "message", None)
-        if message is not None:
-            usage = getattr(message, "usage_metadata", None)
-            if usage:
+        if usage:
+            run = self._llm_runs.get(run_id.int)
+            if run is not None:
                 if run.chunk_usages is None:
                     run.chunk_usages = [usage]
                 else:
@@ -588,6 +594,7 @@ class TokenLedgerHandler(BaseCallbackHandler):
         key = run_id.int
         with self._lock:
             run = self._llm_runs.pop(key, None)
+            self._awaiting_token.pop(key, None)
             self._nodes.pop(key, None)
         if run is None:
             # An end without a start: a second end event for the same call (already recorded),
@@ -763,6 +770,7 @@ class TokenLedgerHandler(BaseCallbackHandler):
                 if evict_nodes:
                     self._nodes.pop(rid, None)
                 run = self._llm_runs.pop(rid, None)
+                self._awaiting_token.pop(rid, None)
                 if run is not None:
                     self._nodes.pop(rid, None)
                     runs.append(run)
