@@ -15,6 +15,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -33,9 +34,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from langchain_tokenledger import Ledger, UsageRecord
 from langchain_tokenledger.pricing import Pricer
 from langchain_tokenledger.records import RECORD_FIELDS
-from langchain_tokenledger.store import price_of
+from langchain_tokenledger.schema import create_schema
+from langchain_tokenledger.store import _create_engine, price_of
 from langchain_tokenledger.views import VIEW_NAMES
-from langchain_tokenledger.writers import _decimal_text, _same, _sqlite_ts, to_row
+from langchain_tokenledger.writers import PostgresWriter, Row, SQLiteWriter
 
 POSTGRES_URL = os.environ.get(
     "TOKENLEDGER_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/perfbench"
@@ -134,32 +136,85 @@ def generic_row(r: UsageRecord) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def per_row_costs(records: Sequence[UsageRecord], rounds: int) -> list[tuple[str, float]]:
-    """Median seconds per row of each writer-side step, measured interleaved."""
+def per_row_costs(
+    records: Sequence[UsageRecord], rounds: int, workdir: Path
+) -> list[tuple[str, float]]:
+    """Median seconds per row of each writer-side step, measured interleaved.
+
+    Rows are built the way the ledger builds them (``prepare`` on slices of 32 records); the
+    insert step writes the rows of ``records``, already built, into an empty SQLite ledger.
+    """
     priced = [priced_copy(r) for r in records]
     memo_warm = Pricer()
     for r in records:
         price_of(memo_warm, r)
-    steps: dict[str, Callable[[], object]] = {
+    unused = sa.create_engine("sqlite://")  # prepare() never connects
+    sqlite_writer, postgres_writer = SQLiteWriter(unused), PostgresWriter(unused)
+    sqlite_rows = _prepare_all(sqlite_writer, priced)
+    counter = iter(range(1_000_000))
+
+    def insert() -> Callable[[], object]:
+        """A fresh ledger (not timed); the step writes ``sqlite_rows`` into it."""
+        engine = _create_engine(
+            sa.make_url(f"sqlite:///{workdir / f'step-{next(counter)}.db'}"), {}
+        )
+        create_schema(engine)
+        writer = SQLiteWriter(engine)
+
+        def step() -> None:
+            for start in range(0, len(sqlite_rows), 2000):
+                writer.execute(sqlite_rows[start : start + 2000])
+            writer.close()
+            engine.dispose()
+
+        return step
+
+    steps: dict[str, Callable[[], Callable[[], object]]] = {
         # A fresh Pricer per round: realistic token counts rarely repeat, so the writer mostly
         # misses the pricer's result memo (its rate-card cache stays warm after the first call).
-        "pricing (`price_of`), new token counts": lambda: _price_all(Pricer(), records),
-        "pricing (`price_of`), repeated token counts": lambda: _price_all(memo_warm, records),
-        "row for SQLite (`to_row`)": lambda: [to_row(r, _sqlite_ts, _decimal_text) for r in priced],
-        "row for PostgreSQL (`to_row`)": lambda: [to_row(r, _same, _same) for r in priced],
-        "generic row (`json.dumps`, `isoformat`, `str`)": lambda: [generic_row(r) for r in priced],
+        "pricing (`price_of`), new token counts": lambda: functools.partial(
+            _price_all, _fresh_pricer(records[0]), records
+        ),
+        "pricing (`price_of`), repeated token counts": lambda: functools.partial(
+            _price_all, memo_warm, records
+        ),
+        "row for SQLite (`SQLiteWriter.prepare`)": lambda: functools.partial(
+            _prepare_all, sqlite_writer, priced
+        ),
+        "row for PostgreSQL (`PostgresWriter.prepare`)": lambda: functools.partial(
+            _prepare_all, postgres_writer, priced
+        ),
+        "generic row (`json.dumps`, `isoformat`, `str`)": lambda: (
+            lambda: [generic_row(r) for r in priced]
+        ),
+        "SQLite insert of built rows into an empty ledger (`execute`)": insert,
     }
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
-        for name, step in steps.items():
+        for name, setup in steps.items():
+            step = setup()
             with stopwatch() as t:
                 step()
             samples[name].append(t[0] / len(records))
     return [(name, median(values)) for name, values in samples.items()]
 
 
+def _prepare_all(
+    writer: SQLiteWriter | PostgresWriter, records: Sequence[UsageRecord]
+) -> list[Row]:
+    rows: list[Row] = []
+    for start in range(0, len(records), 32):
+        rows += writer.prepare(records[start : start + 32])
+    return rows
+
+
+def _fresh_pricer(first: UsageRecord) -> Pricer:
+    pricer = Pricer()
+    price_of(pricer, first)  # resolve a rate card outside the timing
+    return pricer
+
+
 def _price_all(pricer: Pricer, records: Sequence[UsageRecord]) -> None:
-    price_of(pricer, records[0])  # resolve the rate cards outside the loop
     for r in records:
         price_of(pricer, r)
 
@@ -180,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         records = realistic_records(max(b.records for b in found))
         rates: dict[str, list[float]] = {b.name: [] for b in found}
         handoff: dict[str, list[float]] = {b.name: [] for b in found}
+        one_trial(f"sqlite:///{Path(tmp) / 'warm-up.db'}", records[:100])  # writer process up
         for _ in range(args.rounds):
             for b in found:
                 rate, per_call = one_trial(b.fresh_url(), records[: b.records])
@@ -205,10 +261,10 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
             )
         out.append(
             f"Sustained write rate (records handed to `Ledger.record`, priced and written by "
-            f"the writer thread; median of {args.rounds}):\n\n"
+            f"the writer process; median of {args.rounds}):\n\n"
             + table(["backend", "records", "rows/s", "target rows/s", "`record()` call"], rows)
         )
-        costs = per_row_costs(priced_sample(records), rounds=5)
+        costs = per_row_costs(priced_sample(records), rounds=5, workdir=Path(tmp))
         out.append(
             "Writer-side cost per row (median of 5, interleaved):\n\n"
             + table(["step", "us/row"], [[name, f"{s * 1e6:.2f}"] for name, s in costs])

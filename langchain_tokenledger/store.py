@@ -34,7 +34,7 @@ from sqlalchemy.pool import StaticPool
 
 from .records import UsageRecord
 from .schema import create_schema
-from .usage import priced_usage
+from .usage import usage_to_price
 from .writers import BatchWriter, Price, Row, writer_for
 
 if TYPE_CHECKING:
@@ -187,7 +187,8 @@ class Ledger:
     Args:
         url: SQLAlchemy URL; default ``$TOKENLEDGER_URL``, else ``sqlite:///tokenledger.db``.
         prices: price overrides, a mapping or the path of a JSON/TOML price table (see README).
-        batch_size: most rows per insert.
+        batch_size: most rows per transaction; default 8000 on SQLite (each commit rewrites
+            every index page it touched: bigger batches write less per row), 2000 elsewhere.
         linger: seconds the writer waits for a batch to fill before writing (flush cuts it short).
         max_pending: most records held in memory; past it :meth:`record` waits (back-pressure).
         fallback_dir: where rows that could not be written by :meth:`close` are saved.
@@ -204,7 +205,7 @@ class Ledger:
         url: str | sa.URL | None = None,
         *,
         prices: Mapping[str, Any] | str | os.PathLike[str] | None = None,
-        batch_size: int = 2000,
+        batch_size: int | None = None,
         linger: float = 0.05,
         max_pending: int = 200_000,
         fallback_dir: str | os.PathLike[str] | None = None,
@@ -214,9 +215,9 @@ class Ledger:
         mode = writer or os.environ.get(WRITER_ENV) or "process"
         if mode not in ("process", "thread"):
             raise ValueError(f"writer must be 'process' or 'thread', not {mode!r}")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        if max_pending < batch_size:
+        if max_pending < (batch_size or 1):
             raise ValueError("max_pending must be at least batch_size")
         if linger < 0:
             raise ValueError("linger must not be negative")
@@ -234,6 +235,9 @@ class Ledger:
                 f"cannot open ledger {self.url.render_as_string(hide_password=True)}: "
                 f"{getattr(exc, 'orig', None) or exc}"
             ) from exc
+        if batch_size is None:
+            default = 8000 if self.url.get_backend_name() == "sqlite" else 2000
+            batch_size = min(default, max_pending)
         self.batch_size = batch_size
         self.linger = linger
         self.fallback_dir = Path(fallback_dir) if fallback_dir is not None else Path.cwd()
@@ -806,7 +810,7 @@ def price_of(pricer: Pricer, record: UsageRecord) -> Price:
         return record.cost_usd, record.price_source, record.notes
     if record.cache_hit:
         return Decimal(0), pricer.version, record.notes
-    usage = priced_usage(record)
+    usage = usage_to_price(record)  # read only: no copy
     if usage is None:
         return None, record.price_source, record.notes
     result = pricer.price(

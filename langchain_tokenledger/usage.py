@@ -662,13 +662,21 @@ def priced_usage(record: UsageRecord) -> dict[str, Any] | None:
         ...                          total_tokens=7, usage_source="estimated"))
         {'input_tokens': 5, 'output_tokens': 2, 'total_tokens': 7}
     """
+    usage = usage_to_price(record)
+    return None if usage is None else dict(usage)
+
+
+def usage_to_price(record: UsageRecord) -> Mapping[str, Any] | None:
+    """:func:`priced_usage` without the copy: the record's own ``usage_details`` when those are
+    what is priced (for the writer, which only reads it).
+    """
     if record.usage_source == "none" or record.input_tokens is None:
         return None
     if record.output_tokens is None:
         return None
-    clean = not any(n.startswith(_COUNT_ANOMALIES) for n in record.notes)
+    clean = not record.notes or not any(n.startswith(_COUNT_ANOMALIES) for n in record.notes)
     if record.usage_source == "provider" and record.usage_details and clean:
-        return dict(record.usage_details)
+        return record.usage_details
     usage: dict[str, Any] = {
         "input_tokens": record.input_tokens,
         "output_tokens": record.output_tokens,

@@ -7,7 +7,8 @@ DO NOTHING``, MariaDB/MySQL a multi-row ``INSERT .. ON DUPLICATE KEY UPDATE``. A
 record (same ``run_id``) never creates a second row.
 
 Serialization is the writer's main CPU cost and it holds the GIL, so it competes with the
-application's own threads: rows are built from one C-level attribute fetch, the price is written
+application's own threads: each writer builds rows with a function compiled for its database
+(one C-level attribute fetch, one local per column, no per-column loop), the price is written
 into the row (no priced copy of the record), JSON columns go through orjson when it is installed
 (langchain-core brings it on CPython) or a prebuilt stdlib C encoder, and timestamps and costs
 take the cheapest exact conversion.
@@ -25,7 +26,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from itertools import chain
 from operator import attrgetter
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import sqlalchemy as sa
 
@@ -34,7 +35,12 @@ from .schema import llm_calls
 
 logger = logging.getLogger("langchain_tokenledger")
 
-Row = list[Any]
+Row = tuple[Any, ...]
+"""A record's values in column order, as bound to the insert statement.
+
+A tuple, not a list: the garbage collector stops tracking a tuple of plain values the first
+time it sees one, so a batch waiting for the database is not traversed over and over.
+"""
 Price = tuple[Decimal | None, str | None, list[str]]
 """``(cost_usd, price_source, notes)`` of a record, as the writer thread computes it."""
 
@@ -45,23 +51,7 @@ _STRING_LIMITS = {
     for c in llm_calls.columns
     if isinstance(c.type, sa.String) and c.type.length and c.name != "run_id"
 }
-_CLIP_CHECKS = tuple((RECORD_FIELDS.index(name), limit) for name, limit in _STRING_LIMITS.items())
 _all_values = attrgetter(*RECORD_FIELDS)
-
-_COST = RECORD_FIELDS.index("cost_usd")
-_PRICE_SOURCE = RECORD_FIELDS.index("price_source")
-_NOTES = RECORD_FIELDS.index("notes")
-_STARTED = RECORD_FIELDS.index("started_at")
-_ENDED = RECORD_FIELDS.index("ended_at")
-_JSON_COLUMNS = tuple(
-    (RECORD_FIELDS.index(name), empty)
-    for name, empty in (
-        ("usage_details", "{}"),
-        ("tags", "[]"),
-        ("metadata", "{}"),
-        ("notes", "[]"),
-    )
-)
 
 
 class BatchWriter(Protocol):
@@ -117,21 +107,26 @@ def _make_dumps() -> Callable[[Any], str]:
     """orjson (about 4x faster on these small objects) with the stdlib encoder's output.
 
     Unknown objects, datetimes and dataclasses become ``str(obj)`` as with the stdlib; what
-    orjson refuses (integers beyond 64 bits, ...) is left to the stdlib encoder.
+    orjson refuses (integers beyond 64 bits, ...) is left to the stdlib encoder. Non-string
+    keys are only asked for when a dict has one: ``OPT_NON_STR_KEYS`` makes every call 50%
+    slower, and the output for string keys is the same with or without it.
     """
     try:
         import orjson
     except ImportError:  # PyPy, or a stripped-down install
         return _stdlib
     orjson_dumps = orjson.dumps
-    options = (
-        orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
-    )
+    options = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+    non_str_keys = options | orjson.OPT_NON_STR_KEYS
 
     def dumps(value: Any) -> str:
         try:
             return orjson_dumps(value, default=str, option=options).decode()
-        except TypeError:  # orjson.JSONEncodeError
+        except TypeError:  # orjson.JSONEncodeError: a non-str key, or a value orjson refuses
+            pass
+        try:
+            return orjson_dumps(value, default=str, option=non_str_keys).decode()
+        except TypeError:
             return _stdlib(value)
 
     return dumps
@@ -160,24 +155,37 @@ def _naive_utc(value: datetime | None) -> datetime | None:
 
 
 def _sqlite_ts(value: datetime | None) -> str | None:
-    """SQLAlchemy's SQLite DATETIME text, always with microseconds (text order = time order)."""
+    """SQLAlchemy's SQLite DATETIME text, always with microseconds (text order = time order).
+
+    Built from cached pieces: formatting seven numbers with ``%02d`` (or ``isoformat``) costs
+    2.5x as much.
+
+    Example:
+        >>> _sqlite_ts(datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc))
+        '2026-01-02 03:04:05.000006'
+    """
     if value is None:
         return None
     if value.tzinfo is not _UTC:  # the handler's timestamps are UTC already
         value = value.astimezone(_UTC) if value.tzinfo is not None else value
-    # %-formatting the fields is about 1.5x faster than replace(tzinfo=None).isoformat(...).
-    return _SQLITE_TS % (
-        value.year,
-        value.month,
-        value.day,
-        value.hour,
-        value.minute,
-        value.second,
-        value.microsecond,
+    two = _TWO_DIGITS
+    return (
+        f"{_DATE_TEXTS.get(value.toordinal()) or _date_text(value)}"
+        f"{two[value.hour]}:{two[value.minute]}:{two[value.second]}."
+        f"{str(value.microsecond + 1_000_000)[1:]}"
     )
 
 
-_SQLITE_TS = "%04d-%02d-%02d %02d:%02d:%02d.%06d"
+_TWO_DIGITS = tuple(f"{i:02d}" for i in range(100))
+_DATE_TEXTS: dict[int, str] = {}
+"""Proleptic ordinal of a day -> ``"YYYY-MM-DD "`` (its first part of a SQLite timestamp)."""
+
+
+def _date_text(value: datetime) -> str:
+    if len(_DATE_TEXTS) >= 4096:  # e.g. a backfill of old calls: keep the cache small
+        _DATE_TEXTS.clear()
+    text = _DATE_TEXTS[value.toordinal()] = f"{value.year:04d}-{value.month:02d}-{value.day:02d} "
+    return text
 
 
 def _decimal_text(value: Decimal | None) -> str | None:
@@ -189,16 +197,85 @@ def _same(value: Any) -> Any:
     return value
 
 
-def _clip(row: Row) -> list[str]:
-    """Shorten over-long names to their column's length (a row is never lost to a long name);
-    the names of the clipped columns."""
-    clipped: list[str] = []
-    for index, limit in _CLIP_CHECKS:
-        value = row[index]
-        if value.__class__ is str and len(value) > limit:
-            row[index] = value[:limit]
-            clipped.append(RECORD_FIELDS[index])
-    return clipped
+RowFunction = Callable[[UsageRecord, "Price | None"], Row]
+"""``row(record, price)``: one record as its row (see :func:`to_row`)."""
+
+_JSON_EMPTY = {"usage_details": "{}", "tags": "[]", "metadata": "{}", "notes": "[]"}
+_BOOLEANS = frozenset(c.name for c in llm_calls.columns if isinstance(c.type, sa.Boolean))
+
+
+def _row_function(
+    ts: Callable[[datetime | None], Any],
+    cost: Callable[[Decimal | None], Any],
+    *,
+    null: object = None,
+    bools_as_ints: bool = False,
+) -> RowFunction:
+    """Compile :func:`to_row` for one pair of converters into a flat function (hot loop).
+
+    The generated function unpacks the record into one local per column, shortens over-long
+    names to their column's length (a row is never lost to a long name; the row's notes say
+    which were clipped), converts and returns the row as one tuple display: 15% less time than
+    patching a list of the values column by column. ``null`` replaces ``None`` in the row,
+    ``bools_as_ints`` writes booleans as ``1``/``0`` (see :class:`SQLiteWriter`).
+    """
+    names = RECORD_FIELDS
+    lines = [
+        "def row(r, price):",
+        f"    ({', '.join(names)},) = _values(r)",
+        "    if price is not None:",
+        "        cost_usd, price_source, notes = price",
+        "    clipped = ''",
+    ]
+    for name, limit in _STRING_LIMITS.items():
+        lines += [
+            f"    if {name}.__class__ is str and len({name}) > {limit}:",
+            f"        {name} = {name}[:{limit}]",
+            f"        clipped += ',{name}'",
+        ]
+    lines += [
+        "    if clipped:",
+        "        notes = [*notes, 'truncated:' + clipped[1:]]",
+    ]
+    items: list[str] = []
+    for name in names:
+        empty = _JSON_EMPTY.get(name)
+        if empty is not None:  # never None
+            items.append(f"_json({name}, {empty!r}) if {name} else {empty!r}")
+            continue
+        if name in ("started_at", "ended_at"):
+            item = f"_ts({name})"
+        elif name == "cost_usd":
+            item = f"_cost({name})"
+        elif bools_as_ints and name in _BOOLEANS:
+            item = f"(1 if {name} is True else 0 if {name} is False else {name})"
+        else:
+            item = name
+        if null is not None:
+            item = f"_null if {name} is None else {item}"
+        items.append(item)
+    lines.append("    return (\n        " + ",\n        ".join(items) + ",\n    )")
+    namespace: dict[str, Any] = {
+        "_values": _all_values,
+        "_ts": ts,
+        "_cost": cost,
+        "_json": _json,
+        "_null": null,
+    }
+    exec("\n".join(lines) + "\n", namespace)
+    return cast(RowFunction, namespace["row"])
+
+
+_row_functions: dict[tuple[Callable[..., Any], Callable[..., Any]], RowFunction] = {}
+
+
+def _row_function_for(
+    ts: Callable[[datetime | None], Any], cost: Callable[[Decimal | None], Any]
+) -> RowFunction:
+    function = _row_functions.get((ts, cost))
+    if function is None:
+        function = _row_functions[(ts, cost)] = _row_function(ts, cost)
+    return function
 
 
 def to_row(
@@ -207,27 +284,26 @@ def to_row(
     cost: Callable[[Decimal | None], Any],
     price: Price | None = None,
 ) -> Row:
-    """One record as a list in column order, JSON columns serialized (hot loop: keep it flat).
+    """One record as a tuple in column order, JSON columns serialized.
 
-    ``price`` (``(cost_usd, price_source, notes)``) replaces the record's own.
+    ``price`` (``(cost_usd, price_source, notes)``) replaces the record's own; ``ts`` and
+    ``cost`` convert the timestamps and the cost. The writers use a compiled function per pair
+    of converters (see :func:`_row_function`); this looks it up.
 
     Example:
         >>> row = to_row(UsageRecord(run_id="r1", tags=["a"]), _sqlite_ts, _decimal_text)
         >>> row[0], row[RECORD_FIELDS.index("tags")], row[RECORD_FIELDS.index("notes")]
         ('r1', '["a"]', '[]')
     """
-    row = list(_all_values(r))
-    if price is not None:
-        row[_COST], row[_PRICE_SOURCE], row[_NOTES] = price
-    clipped = _clip(row)
-    if clipped:
-        row[_NOTES] = [*row[_NOTES], "truncated:" + ",".join(clipped)]
-    row[_COST] = cost(row[_COST])
-    row[_STARTED] = ts(row[_STARTED])
-    row[_ENDED] = ts(row[_ENDED])
-    for index, empty in _JSON_COLUMNS:
-        row[index] = _json(row[index], empty)
-    return row
+    return _row_function_for(ts, cost)(r, price)
+
+
+def _rows(
+    row: RowFunction, records: Sequence[UsageRecord], prices: Sequence[Price] | None
+) -> list[Row]:
+    if prices is None:
+        return [row(r, None) for r in records]
+    return [row(r, p) for r, p in zip(records, prices, strict=True)]
 
 
 def to_rows(
@@ -240,9 +316,7 @@ def to_rows(
 
     Rows may repeat a ``run_id``: every writer keeps the first and skips the others.
     """
-    if prices is None:
-        return [to_row(r, ts, cost) for r in records]
-    return [to_row(r, ts, cost, p) for r, p in zip(records, prices, strict=True)]
+    return _rows(_row_function_for(ts, cost), records, prices)
 
 
 def _first_of_each(rows: list[Row]) -> list[Row]:
@@ -266,6 +340,10 @@ class _RawWriter:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self._conn: Any = None
+        self._row = self._row_function()
+
+    def _row_function(self) -> RowFunction:
+        return _row_function(self._ts, self._cost)
 
     def _connection(self) -> Any:
         if self._conn is None:
@@ -281,7 +359,7 @@ class _RawWriter:
     def prepare(
         self, records: Sequence[UsageRecord], prices: Sequence[Price] | None = None
     ) -> list[Row]:
-        return to_rows(records, prices, self._ts, self._cost)
+        return _rows(self._row, records, prices)
 
     def execute(self, rows: list[Row]) -> None:
         conn = self._connection()
@@ -316,6 +394,10 @@ def _sqlite_max_variables() -> int:
     return 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 
 
+_SQLITE_NULL = float("nan")
+"""What SQLite rows hold for NULL (see :class:`SQLiteWriter`)."""
+
+
 class SQLiteWriter(_RawWriter):
     """``INSERT .. ON CONFLICT (run_id) DO NOTHING``, up to 1024 rows per statement.
 
@@ -325,12 +407,22 @@ class SQLiteWriter(_RawWriter):
     waits up to the holder's switch interval (5 ms); one statement per row (``executemany``)
     would pay that wait once per row whenever another thread keeps the GIL busy. Batches are
     cut into power-of-two chunks, so a handful of cached statements cover any batch size. The
-    writer's connection gets a larger page cache and WAL (the ledger's indexes outgrow
-    SQLite's 2 MB default cache after a few ten thousand rows).
+    writer's connection gets a larger page cache (the ledger's indexes outgrow SQLite's 2 MB
+    default cache after a few ten thousand rows) and checkpoints the WAL every 16,000 pages
+    (64 MB; SQLite's default is 1,000): every checkpoint waits for two fsyncs, and the index
+    pages every batch rewrites (the user and session indexes take inserts all over) are copied
+    into the database once per checkpoint. Against 4,000 pages that is an eighth less written
+    to disk and a tenth less time per row by 200,000 rows.
+
+    Rows hold ``NaN`` for NULL and ``1``/``0`` for booleans: the ``sqlite3`` module binds a
+    ``float``, ``int`` or ``str`` directly but sends ``None`` and ``bool`` through its adapter
+    lookup first, which costs ten times as much (about 1 us per value, GIL held) and was a
+    fifth of the insert's CPU. SQLite stores a bound NaN as NULL and a bound bool as the
+    integer, so the stored rows are the same (``tests/test_writers.py`` checks both).
     """
 
     _ROW = f"({', '.join('?' for _ in RECORD_FIELDS)})"
-    _PRAGMAS = ("PRAGMA cache_size = -32768", "PRAGMA wal_autocheckpoint = 4000")
+    _PRAGMAS = ("PRAGMA cache_size = -32768", "PRAGMA wal_autocheckpoint = 16000")
     _ts = staticmethod(_sqlite_ts)
     _cost = staticmethod(_decimal_text)
 
@@ -339,6 +431,9 @@ class SQLiteWriter(_RawWriter):
         most = max(1, min(1024, _sqlite_max_variables() // len(RECORD_FIELDS)))
         self._chunk = 1 << (most.bit_length() - 1)
         self._statements: dict[int, str] = {}
+
+    def _row_function(self) -> RowFunction:
+        return _row_function(self._ts, self._cost, null=_SQLITE_NULL, bools_as_ints=True)
 
     def _connection(self) -> Any:
         if self._conn is None:
@@ -378,25 +473,50 @@ class SQLiteWriter(_RawWriter):
 
 
 class PostgresWriter(_RawWriter):
-    """``COPY`` into a session-local staging table, then an idempotent ``INSERT .. SELECT``."""
+    """``COPY`` straight into ``llm_calls``, or, when that meets a stored ``run_id``, ``COPY``
+    into a session-local staging table and an idempotent ``INSERT .. SELECT`` from it.
+
+    Replayed records are rare, and the direct ``COPY`` spares the server the staging table and
+    a second pass over the batch: a sixth less time per batch. A batch that repeats a
+    ``run_id`` itself takes the staging path at once. Both paths store the same values.
+    """
 
     def _execute(self, conn: Any, rows: list[Row]) -> None:
         cur = conn.cursor()
         try:
+            if len({row[0] for row in rows}) == len(rows) and self._copy_new(cur, rows):
+                return
             cur.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS _tokenledger_stage "
                 "(LIKE llm_calls INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
-            with cur.copy(f"COPY _tokenledger_stage ({_COLUMNS}) FROM STDIN") as copy:
-                write_row = copy.write_row
-                for row in rows:
-                    write_row(row)
+            self._copy(cur, "_tokenledger_stage", rows)
             cur.execute(
                 f"INSERT INTO llm_calls ({_COLUMNS}) SELECT {_COLUMNS} FROM _tokenledger_stage "
                 "ON CONFLICT (run_id) DO NOTHING"
             )
         finally:
             cur.close()
+
+    def _copy_new(self, cur: Any, rows: list[Row]) -> bool:
+        """``COPY`` the rows into ``llm_calls``; False (and nothing written) if one is stored."""
+        from psycopg.errors import UniqueViolation
+
+        cur.execute("SAVEPOINT tokenledger_copy")
+        try:
+            self._copy(cur, "llm_calls", rows)
+        except UniqueViolation:
+            cur.execute("ROLLBACK TO SAVEPOINT tokenledger_copy")
+            return False
+        cur.execute("RELEASE SAVEPOINT tokenledger_copy")
+        return True
+
+    @staticmethod
+    def _copy(cur: Any, table: str, rows: list[Row]) -> None:
+        with cur.copy(f"COPY {table} ({_COLUMNS}) FROM STDIN") as copy:
+            write_row = copy.write_row
+            for row in rows:
+                write_row(row)
 
 
 class MySQLWriter(_RawWriter):
@@ -422,11 +542,12 @@ class CoreWriter:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
+        self._row = _row_function(_same, _same)
 
     def prepare(
         self, records: Sequence[UsageRecord], prices: Sequence[Price] | None = None
     ) -> list[Row]:
-        return to_rows(records, prices, _same, _same)
+        return _rows(self._row, records, prices)
 
     def execute(self, rows: list[Row]) -> None:
         rows = _first_of_each(rows)
