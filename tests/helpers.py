@@ -1,4 +1,5 @@
-"""Helpers shared by the test modules: reading back what a ledger committed, and the README."""
+"""Helpers shared by the test modules: reading back what a ledger committed, making its table
+unreachable for a while, and the README."""
 
 from __future__ import annotations
 
@@ -24,6 +25,23 @@ def rows(ledger: Ledger) -> list[dict[str, Any]]:
     """Every row, decoded by the column types, once the writer has committed all of them."""
     ledger.flush()
     return committed_rows(ledger)
+
+
+def hide_table(url: str) -> None:
+    """Rename ``llm_calls`` away: writes fail (as with a database that is down) until restored."""
+    _rename(url, "llm_calls", "llm_calls_hidden")
+
+
+def restore_table(url: str) -> None:
+    """Undo :func:`hide_table`."""
+    _rename(url, "llm_calls_hidden", "llm_calls")
+
+
+def _rename(url: str, old: str, new: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {old} RENAME TO {new}"))
+    engine.dispose()
 
 
 def readme_queries() -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from helpers import hide_table, restore_table
 
 from langchain_tokenledger import Ledger, LedgerError, UsageRecord
 from langchain_tokenledger.records import RECORD_FIELDS
@@ -256,31 +257,17 @@ def test_default_url_is_env_then_local_sqlite(
 # -- failures: retried, bounded, never silently dropped --------------------------------------
 
 
-def _hide_table(url: str) -> None:
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("ALTER TABLE llm_calls RENAME TO llm_calls_hidden"))
-    engine.dispose()
-
-
-def _restore_table(url: str) -> None:
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("ALTER TABLE llm_calls_hidden RENAME TO llm_calls"))
-    engine.dispose()
-
-
 def test_a_failed_batch_is_retried_until_the_database_recovers(
     backend_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     ledger = Ledger(backend_url)
-    _hide_table(backend_url)
+    hide_table(backend_url)
     ledger.record(full_record())
     with pytest.raises(LedgerError, match="1 records not written"):
         ledger.flush(timeout=0.5)
     assert ledger.pending == 1
 
-    _restore_table(backend_url)
+    restore_table(backend_url)
     ledger.flush()
 
     assert ledger.query("SELECT COUNT(*) AS n FROM llm_calls") == [{"n": 1}]
@@ -294,7 +281,7 @@ def test_records_that_cannot_be_written_at_close_are_saved_and_reported(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     ledger = Ledger(url, fallback_dir=tmp_path)
-    _hide_table(url)
+    hide_table(url)
     ledger.record(full_record())
     ledger.record(full_record(run_id="second"))
 
@@ -313,7 +300,7 @@ def test_records_that_cannot_be_written_at_close_are_saved_and_reported(
 def test_pending_records_are_bounded_by_back_pressure(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     ledger = Ledger(url, batch_size=2, max_pending=4)
-    _hide_table(url)
+    hide_table(url)
     done = threading.Event()
 
     def produce() -> None:
@@ -327,7 +314,7 @@ def test_pending_records_are_bounded_by_back_pressure(tmp_path: Path) -> None:
     assert not done.wait(1.0)
     assert ledger.pending <= 2 + 4 + 1
 
-    _restore_table(url)
+    restore_table(url)
     producer.join()
     ledger.flush()
     assert ledger.query("SELECT COUNT(*) AS n FROM llm_calls") == [{"n": 10}]

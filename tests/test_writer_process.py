@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from helpers import hide_table, restore_table
 
 from langchain_tokenledger import Ledger, LedgerError, UsageRecord
 from langchain_tokenledger.schema import llm_calls
@@ -146,20 +147,6 @@ def test_the_writer_is_chosen_by_argument_or_environment(
         Ledger(f"sqlite:///{tmp_path / 'c.db'}")
 
 
-def _hide_table(url: str) -> None:
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("ALTER TABLE llm_calls RENAME TO llm_calls_hidden"))
-    engine.dispose()
-
-
-def _restore_table(url: str) -> None:
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("ALTER TABLE llm_calls_hidden RENAME TO llm_calls"))
-    engine.dispose()
-
-
 def test_records_the_writer_process_had_are_written_here_when_it_dies(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -167,7 +154,7 @@ def test_records_the_writer_process_had_are_written_here_when_it_dies(
     ledger = Ledger(url, fallback_dir=tmp_path)
     process = WriterProcess.shared()
     assert process is not None and ledger.writer == "process"
-    _hide_table(url)  # the writer process receives the records but cannot write them
+    hide_table(url)  # the writer process receives the records but cannot write them
     ledger.record_many([UsageRecord(run_id=f"r{i}", total_tokens=i) for i in range(300)])
     deadline = time.monotonic() + 30
     while len(ledger._unacked) < 300 and time.monotonic() < deadline:
@@ -175,7 +162,7 @@ def test_records_the_writer_process_had_are_written_here_when_it_dies(
     assert len(ledger._unacked) == 300
 
     os.kill(process.process_id, signal.SIGKILL)
-    _restore_table(url)
+    restore_table(url)
     with caplog.at_level(logging.WARNING, logger="langchain_tokenledger"):
         ledger.flush(timeout=60)
 
@@ -198,7 +185,7 @@ def test_the_writer_process_logs_through_this_process(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     ledger = Ledger(url, fallback_dir=tmp_path)
-    _hide_table(url)
+    hide_table(url)
     ledger.record(UsageRecord(run_id="r1"))
     failed = f"{ledger!r}: writing 1 rows failed (attempt 1), retrying: OperationalError"
     with caplog.at_level(logging.WARNING, logger="langchain_tokenledger"):
@@ -208,7 +195,7 @@ def test_the_writer_process_logs_through_this_process(
             time.sleep(0.01)
         with pytest.raises(LedgerError, match=r"1 records not written after 0\.1s.*no such table"):
             ledger.flush(timeout=0.1)
-        _restore_table(url)
+        restore_table(url)
         ledger.flush()
     assert any("recovered" in r.getMessage() for r in caplog.records)
     assert ledger.query("SELECT run_id FROM llm_calls") == [{"run_id": "r1"}]
