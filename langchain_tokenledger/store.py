@@ -302,24 +302,21 @@ class Ledger:
             error = LedgerError(f"{self!r} is closed; the record was saved to a fallback file")
             self._save_unwritten([record], error)
             raise error
-        if self._enqueued - self._done - self._executing >= self.max_pending:
-            self._wait_for_room()
-        with self._lock:
-            self._enqueued += 1
-            self._items.append(record)
-        if self._writer_idle:
-            self._wake.set()
+        self._enqueue(record)
 
     def record_pending(self, pending: PendingRecord) -> None:
         """Queue a record that the writer builds when it takes it (as :meth:`record`)."""
         if self._closed:
             self.record(_built(pending))
-            return
+        else:
+            self._enqueue(pending)
+
+    def _enqueue(self, item: UsageRecord | PendingRecord) -> None:
         if self._enqueued - self._done - self._executing >= self.max_pending:
             self._wait_for_room()
         with self._lock:
             self._enqueued += 1
-            self._items.append(pending)
+            self._items.append(item)
         if self._writer_idle:
             self._wake.set()
 
