@@ -86,7 +86,7 @@ class UsageRecord:
             >>> UsageRecord(run_id="r1", model="a").replace(model="b").model
             'b'
         """
-        values = list(_all_values(self))
+        values = list(record_values(self))
         for name, value in changes.items():
             index = _FIELD_INDEX.get(name)
             if index is None:
@@ -99,7 +99,8 @@ RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageR
 """Column order of ``llm_calls``; the writer and the schema both follow it."""
 
 _FIELD_INDEX = {name: i for i, name in enumerate(RECORD_FIELDS)}
-_all_values = operator.attrgetter(*RECORD_FIELDS)
+record_values: Callable[[UsageRecord], tuple[Any, ...]] = operator.attrgetter(*RECORD_FIELDS)
+"""A record's field values in column order (one C-level call)."""
 
 
 class _Factory:

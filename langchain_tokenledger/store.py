@@ -426,9 +426,7 @@ class Ledger:
 
     def _write_taken_back(self) -> None:
         """Write here what a writer process lost during close() had not confirmed."""
-        rest: list[UsageRecord] = []
-        while self._items:
-            rest.append(_built(self._items.popleft()))
+        rest = self._take_all()
         for start in range(0, len(rest), self.batch_size):
             self._write_until_done(*self._prepare(rest[start : start + self.batch_size]))
 
@@ -451,6 +449,13 @@ class Ledger:
             self._flush_wanted.wait(self.linger)  # let a batch build up; flush/close cut it short
         popleft = items.popleft
         return [_built(popleft()) for _ in range(min(len(items), self.batch_size))]
+
+    def _take_all(self) -> list[UsageRecord]:
+        """Everything still queued, built (no waiting: for the ends of close())."""
+        rest: list[UsageRecord] = []
+        while self._items:
+            rest.append(_built(self._items.popleft()))
+        return rest
 
     def _run(self) -> None:
         try:
@@ -583,9 +588,7 @@ class Ledger:
 
     def _drain_after_close(self) -> None:
         # Records appended by a record() call that raced with close().
-        rest: list[UsageRecord] = []
-        while self._items:
-            rest.append(_built(self._items.popleft()))
+        rest = self._take_all()
         for start in range(0, len(rest), self.batch_size):
             batch = rest[start : start + self.batch_size]
             if not self._send_remote(batch):

@@ -36,18 +36,16 @@ import weakref
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from decimal import Decimal
-from operator import attrgetter
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from .records import RECORD_FIELDS, UsageRecord
+from .records import RECORD_FIELDS, UsageRecord, record_values
 from .store import Ledger
 
 logger = logging.getLogger("langchain_tokenledger")
 
 _HEADER = struct.Struct("<I")
 _UTC = timezone.utc
-_all_values = attrgetter(*RECORD_FIELDS)
 _COST = RECORD_FIELDS.index("cost_usd")
 _DATES = (RECORD_FIELDS.index("started_at"), RECORD_FIELDS.index("ended_at"))
 _JSON_FIELDS = {
@@ -80,7 +78,7 @@ def encode_records(records: Sequence[UsageRecord]) -> bytes:
     """
     out: list[list[Any]] = []
     for record in records:
-        values = list(_all_values(record))
+        values = list(record_values(record))
         for i in _DATES:
             when = values[i]
             if when is not None:
@@ -224,11 +222,6 @@ class WriterProcess:
             return current
 
     @property
-    def alive(self) -> bool:
-        """Whether the process is running and reachable."""
-        return self._alive
-
-    @property
     def process_id(self) -> int:
         """The writer process's pid."""
         return self._proc.pid
@@ -305,17 +298,6 @@ class WriterProcess:
             channel = ref()
             if channel is not None:
                 channel._remote_lost(reason)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Close the process's input (it closes its ledgers and exits) and wait for it."""
-        with self._send_lock:
-            self._alive = False
-            with contextlib.suppress(OSError):
-                self._stdin.close()
-        try:
-            self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
 
 
 # -- the writer process ----------------------------------------------------------------------

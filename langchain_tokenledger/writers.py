@@ -25,12 +25,11 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from decimal import Decimal
 from itertools import chain
-from operator import attrgetter
 from typing import Any, Protocol, cast
 
 import sqlalchemy as sa
 
-from .records import RECORD_FIELDS, UsageRecord
+from .records import RECORD_FIELDS, UsageRecord, record_values
 from .schema import llm_calls
 
 logger = logging.getLogger("langchain_tokenledger")
@@ -51,7 +50,6 @@ _STRING_LIMITS = {
     for c in llm_calls.columns
     if isinstance(c.type, sa.String) and c.type.length and c.name != "run_id"
 }
-_all_values = attrgetter(*RECORD_FIELDS)
 
 
 class BatchWriter(Protocol):
@@ -256,7 +254,7 @@ def _row_function(
         items.append(item)
     lines.append("    return (\n        " + ",\n        ".join(items) + ",\n    )")
     namespace: dict[str, Any] = {
-        "_values": _all_values,
+        "_values": record_values,
         "_ts": ts,
         "_cost": cost,
         "_json": _json,

@@ -21,6 +21,13 @@ def committed_rows(ledger: Ledger) -> list[dict[str, Any]]:
         return [dict(r) for r in conn.execute(stmt).mappings()]
 
 
+def rows_by_run_id(ledger: Ledger) -> list[dict[str, Any]]:
+    """The committed rows, decoded by the column types, in ``run_id`` order."""
+    with ledger.engine.connect() as conn:
+        stmt = sa.select(llm_calls).order_by(llm_calls.c.run_id)
+        return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
 def rows(ledger: Ledger) -> list[dict[str, Any]]:
     """Every row, decoded by the column types, once the writer has committed all of them."""
     ledger.flush()

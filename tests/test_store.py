@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from helpers import hide_table, restore_table
+from helpers import hide_table, restore_table, rows_by_run_id
 
 from langchain_tokenledger import Ledger, LedgerError, UsageRecord
 from langchain_tokenledger.records import RECORD_FIELDS
-from langchain_tokenledger.schema import SCHEMA_VERSION, llm_calls
+from langchain_tokenledger.schema import SCHEMA_VERSION
 from langchain_tokenledger.store import resolve_url
 
 DOCUMENTED_COLUMNS = [
@@ -78,12 +78,6 @@ def writer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     return str(request.param)
 
 
-def read_rows(ledger: Ledger) -> list[dict[str, Any]]:
-    """Every row, decoded by SQLAlchemy's column types (JSON, Numeric, DateTime)."""
-    with ledger.engine.connect() as conn:
-        return [dict(r) for r in conn.execute(sa.select(llm_calls).order_by("run_id")).mappings()]
-
-
 def as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
 
@@ -110,7 +104,7 @@ def test_a_record_round_trips_exactly(ledger: Ledger) -> None:
     ledger.record(full_record())
     ledger.flush()
 
-    [row] = read_rows(ledger)
+    [row] = rows_by_run_id(ledger)
     assert row["cost_usd"] == Decimal("0.000123456789")
     assert as_utc(row["started_at"]) == T0
     assert as_utc(row["ended_at"]) == T1
@@ -132,7 +126,7 @@ def test_unknown_usage_is_null_not_zero(ledger: Ledger) -> None:
     )
     ledger.flush()
 
-    [row] = read_rows(ledger)
+    [row] = rows_by_run_id(ledger)
     assert (row["input_tokens"], row["output_tokens"], row["total_tokens"]) == (None, None, None)
     assert (row["cost_usd"], row["usage_source"], row["status"]) == (None, "none", "error")
 
@@ -146,7 +140,7 @@ def test_writes_are_idempotent_on_run_id(ledger: Ledger) -> None:
     ledger.record(full_record(run_id="01900000-0000-7000-8000-000000000002"))
     ledger.flush()
 
-    rows = read_rows(ledger)
+    rows = rows_by_run_id(ledger)
     assert [(r["run_id"], r["input_tokens"]) for r in rows] == [
         ("01900000-0000-7000-8000-000000000001", 1),
         ("01900000-0000-7000-8000-000000000002", 120),
@@ -198,7 +192,7 @@ def test_overlong_names_are_clipped_and_flagged_not_lost(ledger: Ledger) -> None
     ledger.record(full_record(model="m" * 300))
     ledger.flush()
 
-    [row] = read_rows(ledger)
+    [row] = rows_by_run_id(ledger)
     assert row["model"] == "m" * 255
     assert row["notes"] == ["total_mismatch", "truncated:model"]
 
@@ -370,7 +364,7 @@ def test_a_row_the_database_refuses_is_isolated_and_saved_the_rest_written(
         ledger.record_many([*good[:3], bad, *good[3:]])
         ledger.flush()
 
-    assert [r["run_id"] for r in read_rows(ledger)] == [f"good-{i}" for i in range(6)]
+    assert [r["run_id"] for r in rows_by_run_id(ledger)] == [f"good-{i}" for i in range(6)]
     [saved] = tmp_path.glob("tokenledger-unwritten-*.jsonl")
     assert [json.loads(line)["run_id"] for line in saved.read_text().splitlines()] == ["bad"]
     [error] = [r for r in caplog.records if r.levelno == logging.ERROR]

@@ -9,11 +9,9 @@ import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
-import sqlalchemy as sa
-from helpers import hide_table, restore_table
+from helpers import hide_table, restore_table, rows_by_run_id
 
 from langchain_tokenledger import Ledger, LedgerError, UsageRecord
 from langchain_tokenledger.schema import llm_calls
@@ -60,11 +58,6 @@ def records() -> list[UsageRecord]:
     ]
 
 
-def read_rows(ledger: Ledger) -> list[dict[str, Any]]:
-    with ledger.engine.connect() as conn:
-        return [dict(r) for r in conn.execute(sa.select(llm_calls).order_by("run_id")).mappings()]
-
-
 def test_records_travel_to_the_writer_process_unchanged() -> None:
     plain = [r for r in records() if r.run_id != "r-opaque"]
     assert decode_records(encode_records(plain)) == plain
@@ -109,7 +102,7 @@ def test_both_writers_write_the_same_rows(backend_url: str, tmp_path: Path) -> N
             conn.execute(llm_calls.delete())
         ledger.record_many(records())
         ledger.flush()
-        rows[mode] = read_rows(ledger)
+        rows[mode] = rows_by_run_id(ledger)
         ledger.close()
     assert len(rows["process"]) == len(records())
     assert rows["process"] == rows["thread"]
