@@ -170,6 +170,17 @@ class Scope:
                 scope.sink.add(record)
             scope = scope.parent
 
+    def record_packed(self, run_id: str, packed: bytes) -> None:
+        """:meth:`record` for a call the handler packed (see :mod:`~.packing`)."""
+        for ledger in self.others:
+            ledger.record_packed(packed)
+        scope: Scope | None = self
+        while scope is not None:
+            scope.summary.add_packed(run_id, packed)
+            if scope.sink is not None:
+                scope.sink.add_packed(run_id, packed)
+            scope = scope.parent
+
     def outer_node(self, run_id: UUID) -> _Node | None:
         """The run-tree node of ``run_id`` as known to an enclosing block's handler."""
         key = run_id.int
@@ -222,6 +233,11 @@ class _ScopeHandler(TokenLedgerHandler):
         super().__init__(ledger, tags=tags, metadata=metadata, on_record=scope.record)
         self.scope = scope
         self._nested = scope.parent is not None
+        self._packs = True  # calls that end normally reach the scope through _deliver
+
+    def _deliver(self, run_key: str, packed: bytes) -> None:
+        self.ledger.record_packed(packed)
+        self.scope.record_packed(run_key, packed)
 
     def _outer_node(self, run_id: UUID) -> _Node | None:
         # A block entered inside a running chain has not seen the chain start: borrow the

@@ -24,7 +24,8 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, GenerationChunk, LLMResult
 
 from . import usage as _usage
-from .records import RECORD_FIELDS, Status, UsageRecord, make_record
+from .packing import pack_values, record_from_values
+from .records import RECORD_FIELDS, Status, UsageRecord
 
 if TYPE_CHECKING:
     from .store import Ledger
@@ -155,52 +156,6 @@ class _LLMRun(_Node):
         self.first_token: float | None = None
 
 
-class _PendingCall:
-    """A finished LLM call whose record the ledger's writer builds (``Ledger.record_pending``).
-
-    Between two pieces of the application's work, building a record costs about twice what it
-    costs in the writer's loop over a batch (cold caches), so the callback only hands this over.
-    """
-
-    __slots__ = ("ended", "error", "handler", "run", "status", "usage")
-
-    def __init__(
-        self,
-        handler: TokenLedgerHandler,
-        run: _LLMRun,
-        usage: _usage.Usage,
-        status: Status,
-        error: BaseException | None,
-        ended: float,
-    ) -> None:
-        self.handler = handler
-        self.run = run
-        self.usage = usage
-        self.status = status
-        self.error = error
-        self.ended = ended
-
-    def build(self) -> UsageRecord:
-        return self.handler._record(self.run, self.usage, self.status, self.error, self.ended)
-
-    def fallback(self) -> UsageRecord:
-        run = self.run
-        return UsageRecord(
-            run_id=run.key,
-            parent_run_id=run.parent,
-            root_run_id=run.root,
-            root_name=run.root_name,
-            run_name=run.name,
-            provider=run.provider,
-            model=run.model_hint,
-            status=self.status,
-            usage_source="none",
-            started_at=datetime.fromtimestamp(run.started_wall, _UTC),
-            notes=["record_build_failed"],
-            ancestry=run.ancestry,
-        )
-
-
 def _run_name(serialized: Mapping[str, Any] | None, name: Any) -> str | None:
     if name:
         return str(name)
@@ -276,10 +231,9 @@ class TokenLedgerHandler(BaseCallbackHandler):
         # noted, its other tokens cost one check here (on_llm_new_token runs for every chunk).
         self._awaiting_token: dict[int, _LLMRun] = {}
         self._deferred: set[str] = set()  # run ids (text) whose row a nested handler writes
-        # A ledger builds our records in its writer (a stand-in sink gets them built).
-        self._record_pending: Callable[[_PendingCall], None] | None = getattr(
-            ledger, "record_pending", None
-        )
+        # A ledger takes our calls packed (a stand-in sink, or on_record, gets records).
+        self._record_packed: Callable[[bytes], None] | None = getattr(ledger, "record_packed", None)
+        self._packs = self._record_packed is not None and on_record is None
         self._next_sweep = time.perf_counter() + min(60.0, stale_after)
         # Closing the ledger then writes our in-flight calls (a stand-in sink may not do that).
         handlers = getattr(ledger, "_handlers", None)
@@ -602,13 +556,53 @@ class TokenLedgerHandler(BaseCallbackHandler):
             # run_id, so recording it is safe either way; but we have nothing to add.
             logger.debug("end event for unknown LLM run %s ignored", run_id)
             return
-        if self._record_pending is not None and self.on_record is None and not self._deferred:
-            # The usage is read now: the response's messages are the application's (an LLM
-            # cache, for one, rewrites the cached message's usage on its next hit).
-            usage = self._usage_of(run, status, response)
-            self._record_pending(_PendingCall(self, run, usage, status, error, ended))
-        else:
-            self._emit(self._build(run, status, response, error, ended))
+        if self._deferred and self._take_deferred(run.key):
+            return  # a nested handler writes this call
+        # The usage is read now: the response's messages are the application's (an LLM cache,
+        # for one, rewrites the cached message's usage on its next hit).
+        usage = self._usage_of(run, status, response)
+        if not self._packs:
+            self._emit(self._record(run, usage, status, error, ended))
+            return
+        try:
+            packed = pack_values(self._values(run, usage, status, error, ended))
+        except Exception:  # a bug: log it, and still write the call
+            logger.exception("langchain-tokenledger: packing a call failed; written as unknown")
+            self._emit(self._fallback(run, status))
+            if self.raise_error:
+                raise
+            return
+        self._deliver(run.key, packed)
+
+    def _deliver(self, run_key: str, packed: bytes) -> None:
+        """Hand a finished call, packed, to the ledger."""
+        self._record_packed(packed)  # type: ignore[misc]  # not None: see _finish
+
+    def _take_deferred(self, run_key: str) -> bool:
+        """Whether a nested handler writes this call (then forget it here)."""
+        with self._lock:
+            if run_key not in self._deferred:
+                return False
+            self._deferred.discard(run_key)
+            return True
+
+    @staticmethod
+    def _fallback(run: _LLMRun, status: Status) -> UsageRecord:
+        """What is written for a call whose record cannot be built: never no row."""
+        return UsageRecord(
+            run_id=run.key,
+            parent_run_id=run.parent,
+            root_run_id=run.root,
+            root_name=run.root_name,
+            run_name=run.name,
+            provider=run.provider,
+            model=run.model_hint,
+            status=status,
+            usage_source="none",
+            started_at=datetime.fromtimestamp(run.started_wall, _UTC),
+            notes=["record_build_failed"],
+            ancestry=run.ancestry,
+        )
 
     def _build(
         self,
@@ -643,6 +637,18 @@ class TokenLedgerHandler(BaseCallbackHandler):
         ended: float,
         extra_notes: Sequence[str] = (),
     ) -> UsageRecord:
+        return record_from_values(self._values(run, u, status, error, ended, extra_notes))
+
+    def _values(
+        self,
+        run: _LLMRun,
+        u: _usage.Usage,
+        status: Status,
+        error: BaseException | None,
+        ended: float,
+        extra_notes: Sequence[str] = (),
+    ) -> list[Any]:
+        """The call's record as packed field values (:mod:`~langchain_tokenledger.packing`)."""
         notes = u.notes  # u is ours alone
         if error is not None or extra_notes:
             notes = list(extra_notes)
@@ -675,8 +681,8 @@ class TokenLedgerHandler(BaseCallbackHandler):
                 user_id = str(user)
         elapsed = ended - run.started
         first_token = run.first_token
-        # Positional, in the order _RECORD_ORDER checks (see make_record for why).
-        return make_record(
+        # In the order _RECORD_ORDER checks.
+        return [
             run.key,  # run_id
             run.parent,  # parent_run_id
             run.root,  # root_run_id
@@ -698,8 +704,8 @@ class TokenLedgerHandler(BaseCallbackHandler):
             u.source,  # usage_source
             u.details,  # usage_details
             first_token is not None,  # streamed
-            datetime.fromtimestamp(run.started_wall, _UTC),  # started_at
-            datetime.fromtimestamp(run.started_wall + elapsed, _UTC),  # ended_at
+            run.started_wall,  # started_at, as a POSIX timestamp
+            run.started_wall + elapsed,  # ended_at
             elapsed * 1000.0,  # latency_ms
             (first_token - run.started) * 1000.0 if first_token is not None else None,  # ttft_ms
             user_id,
@@ -708,12 +714,10 @@ class TokenLedgerHandler(BaseCallbackHandler):
             metadata,
             notes,
             run.ancestry,
-        )
+        ]
 
     def _emit(self, record: UsageRecord) -> None:
-        if self._deferred and record.run_id in self._deferred:
-            with self._lock:
-                self._deferred.discard(record.run_id)
+        if self._deferred and self._take_deferred(record.run_id):
             return  # a nested handler writes this call
         self.ledger.record(record)
         if self.on_record is not None:
@@ -784,7 +788,7 @@ class TokenLedgerHandler(BaseCallbackHandler):
         return len(runs)
 
 
-# The fields in the order TokenLedgerHandler._build passes them to make_record.
+# The fields in the order TokenLedgerHandler._values lists them.
 _RECORD_ORDER = (
     "run_id",
     "parent_run_id",
@@ -818,4 +822,4 @@ _RECORD_ORDER = (
     "notes",
     "ancestry",
 )
-assert RECORD_FIELDS == _RECORD_ORDER, "update TokenLedgerHandler._build"
+assert RECORD_FIELDS == _RECORD_ORDER, "update TokenLedgerHandler._values"

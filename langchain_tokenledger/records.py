@@ -270,9 +270,10 @@ class UsageSummary:
         price: Callable[[UsageRecord], UsageRecord] | None = None,
     ) -> None:
         self._lock = threading.Lock()
-        self._records: dict[str, UsageRecord] = {}
+        # A call's record, or its packed form (see packing.py) until the totals are read.
+        self._records: dict[str, UsageRecord | bytes] = {}
         self._price = price
-        self._unpriced: set[str] = set()
+        self._unread: set[str] = set()  # run ids whose entry is packed or unpriced
         for record in records:
             self.add(record)
 
@@ -287,26 +288,40 @@ class UsageSummary:
                 return False
             self._records[record.run_id] = record
             if self._price is not None and record.cost_usd is None:
-                self._unpriced.add(record.run_id)
+                self._unread.add(record.run_id)
+            return True
+
+    def add_packed(self, run_id: str, packed: bytes) -> bool:
+        """:meth:`add` for a record packed by :mod:`~langchain_tokenledger.packing` (what the
+        handler delivers); it is unpacked when the totals are first read."""
+        with self._lock:
+            if run_id in self._records:
+                return False
+            self._records[run_id] = packed
+            self._unread.add(run_id)
             return True
 
     @property
     def records(self) -> list[UsageRecord]:
         """The calls seen, in the order they ended."""
         with self._lock:
-            if self._unpriced:
-                self._price_pending()
-            return list(self._records.values())
+            if self._unread:
+                self._read_pending()
+            return cast("list[UsageRecord]", list(self._records.values()))
 
-    def _price_pending(self) -> None:
-        assert self._price is not None
-        for run_id in self._unpriced:
-            record = self._records[run_id]
-            try:
-                self._records[run_id] = self._price(record)
-            except Exception:  # a live total must never break the caller; the row says why
-                logger.exception("pricing failed for run %s; counted unpriced", run_id)
-        self._unpriced.clear()
+    def _read_pending(self) -> None:
+        from .packing import unpack_record
+
+        for run_id in self._unread:
+            entry = self._records[run_id]
+            record = entry if isinstance(entry, UsageRecord) else unpack_record(entry)
+            if self._price is not None and record.cost_usd is None:
+                try:
+                    record = self._price(record)
+                except Exception:  # a live total must never break the caller; the row says why
+                    logger.exception("pricing failed for run %s; counted unpriced", run_id)
+            self._records[run_id] = record
+        self._unread.clear()
 
     def _total(self) -> ModelUsage:
         total = ModelUsage()

@@ -26,12 +26,13 @@ from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
+from .packing import pack_record, unpack_record, unpack_records
 from .records import UsageRecord
 from .schema import create_schema
 from .usage import usage_to_price
@@ -46,9 +47,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("langchain_tokenledger")
 
 _Prepared = tuple[list[UsageRecord], list["Price"], "list[Row] | Exception"]
+"""A batch on its way to the database: records, their prices, and their rows (or why not)."""
+_Item = UsageRecord | bytes
+"""What the queue holds: a record, or a call the handler packed (see packing.py)."""
 _SLICE = 32  # records priced and serialized between two GIL releases (measured best)
 _SEND_SLICE = 256  # records packed for the writer process between two GIL releases
-"""A batch on its way to the database: records, their prices, and their rows (or why not)."""
 
 DEFAULT_URL = "sqlite:///tokenledger.db"
 URL_ENV = "TOKENLEDGER_URL"
@@ -63,23 +66,6 @@ _DRIVER_DEFAULTS = {
     "mariadb": ("mariadb+pymysql", "mysql"),
 }
 _EXTRAS = {"psycopg": "postgres", "pymysql": "mysql"}
-
-
-class PendingRecord(Protocol):
-    """A record the ledger's writer builds when it takes it from the queue.
-
-    The handler queues one per finished LLM call instead of a :class:`UsageRecord`: building
-    records one after another in the writer is cheaper than building each between two pieces
-    of the application's own work (see :meth:`Ledger.record_pending`).
-    """
-
-    def build(self) -> UsageRecord:
-        """The record."""
-        ...
-
-    def fallback(self) -> UsageRecord:
-        """What is written if :meth:`build` fails (the fault is logged): never no row."""
-        ...
 
 
 class LedgerError(RuntimeError):
@@ -245,7 +231,7 @@ class Ledger:
         self.max_pending = max_pending
         # The hot path appends under a plain lock (a C-level acquire, no Condition) and wakes
         # the writer only when it sleeps; flush() and back-pressure wait on _cv.
-        self._items: deque[UsageRecord | PendingRecord] = deque()
+        self._items: deque[_Item] = deque()
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._enqueued = 0
@@ -272,7 +258,7 @@ class Ledger:
         self._remote: WriterProcess | None = None
         self._remote_options: dict[str, Any] | None = None  # until the first batch opens it
         self._remote_key = 0
-        self._unacked: deque[UsageRecord] = deque()
+        self._unacked: deque[bytes] = deque()
         self._remote_acked = 0
         self._remote_finished = threading.Event()
         if mode == "process" and engine_kwargs is None:
@@ -304,14 +290,25 @@ class Ledger:
             raise error
         self._enqueue(record)
 
-    def record_pending(self, pending: PendingRecord) -> None:
-        """Queue a record that the writer builds when it takes it (as :meth:`record`)."""
-        if self._closed:
-            self.record(_built(pending))
-        else:
-            self._enqueue(pending)
+    def record_packed(self, packed: bytes) -> None:
+        """Queue a record packed by :mod:`~langchain_tokenledger.packing` (as :meth:`record`).
 
-    def _enqueue(self, item: UsageRecord | PendingRecord) -> None:
+        This is how :class:`~langchain_tokenledger.TokenLedgerHandler` hands over its calls.
+
+        Example:
+            >>> from langchain_tokenledger.packing import pack_record
+            >>> ledger = Ledger("sqlite://")
+            >>> ledger.record_packed(pack_record(UsageRecord(run_id="r1", total_tokens=5)))
+            >>> ledger.flush()
+            >>> ledger.query("SELECT run_id, total_tokens FROM llm_calls")
+            [{'run_id': 'r1', 'total_tokens': 5}]
+        """
+        if self._closed:
+            self.record(unpack_record(packed))
+        else:
+            self._enqueue(packed)
+
+    def _enqueue(self, item: _Item) -> None:
         if self._enqueued - self._done - self._executing >= self.max_pending:
             self._wait_for_room()
         with self._lock:
@@ -336,13 +333,19 @@ class Ledger:
 
     def record_many(self, records: Sequence[UsageRecord]) -> None:
         """Queue several records (at once when there is room for all of them)."""
-        if self._closed or self._enqueued - self._done + len(records) > self.max_pending:
-            for r in records:
-                self.record(r)
+        self._extend(records)
+
+    def _extend(self, items: Sequence[_Item]) -> None:
+        if self._closed or self._enqueued - self._done + len(items) > self.max_pending:
+            for item in items:
+                if isinstance(item, UsageRecord):
+                    self.record(item)
+                else:
+                    self.record_packed(item)
             return
         with self._lock:
-            self._enqueued += len(records)
-            self._items.extend(records)
+            self._enqueued += len(items)
+            self._items.extend(items)
         if self._writer_idle:
             self._wake.set()
 
@@ -432,7 +435,7 @@ class Ledger:
 
     # -- the writer thread ---------------------------------------------------------------
 
-    def _take_batch(self) -> list[UsageRecord] | None:
+    def _take_batch(self) -> list[_Item] | None:
         """Block for the next batch; ``None`` once close() has been called and all is taken."""
         items = self._items
         while not items:
@@ -448,13 +451,13 @@ class Ledger:
         if len(items) < self.batch_size and not self._closed:
             self._flush_wanted.wait(self.linger)  # let a batch build up; flush/close cut it short
         popleft = items.popleft
-        return [_built(popleft()) for _ in range(min(len(items), self.batch_size))]
+        return [popleft() for _ in range(min(len(items), self.batch_size))]
 
-    def _take_all(self) -> list[UsageRecord]:
-        """Everything still queued, built (no waiting: for the ends of close())."""
-        rest: list[UsageRecord] = []
+    def _take_all(self) -> list[_Item]:
+        """Everything still queued (no waiting: for the ends of close())."""
+        rest: list[_Item] = []
         while self._items:
-            rest.append(_built(self._items.popleft()))
+            rest.append(self._items.popleft())
         return rest
 
     def _run(self) -> None:
@@ -469,11 +472,13 @@ class Ledger:
         finally:
             self._prepared.put(None)
 
-    def _prepare(self, batch: list[UsageRecord]) -> _Prepared:
+    def _prepare(self, items: list[_Item]) -> _Prepared:
+        batch: list[UsageRecord] = []
         prices: list[Price] = []
         rows: list[Row] | Exception = []
-        for start in range(0, len(batch), _SLICE):
-            part = batch[start : start + _SLICE]
+        for start in range(0, len(items), _SLICE):
+            part = unpack_records(items[start : start + _SLICE])
+            batch += part
             part_prices = self._price(part)
             prices += part_prices
             if isinstance(rows, list):
@@ -633,25 +638,23 @@ class Ledger:
             if key is not None:
                 self._remote, self._remote_key = process, key
 
-    def _send_remote(self, batch: list[UsageRecord]) -> bool:
-        """Hand ``batch`` to the writer process; ``False`` if it must be written here."""
+    def _send_remote(self, items: list[_Item]) -> bool:
+        """Hand ``items`` to the writer process; ``False`` if they must be written here."""
         if self._remote_options is not None:
             self._connect_remote()
         remote = self._remote
         if remote is None:
             return False
-        from .writer_process import encode_records
-
+        packed = [item if isinstance(item, bytes) else pack_record(item) for item in items]
         key = self._remote_key
         with self._lock:
             if self._remote is None:
                 return False
-            self._unacked.extend(batch)
+            self._unacked.extend(packed)
         # If the process is gone, _remote_lost has put this batch back in the queue.
-        for start in range(0, len(batch), _SEND_SLICE):
-            if not remote.send(("rows", key, encode_records(batch[start : start + _SEND_SLICE]))):
+        for start in range(0, len(packed), _SEND_SLICE):
+            if not remote.send(("rows", key, packed[start : start + _SEND_SLICE])):
                 return True
-            time.sleep(0)  # let the application's threads in between slices (as _prepare)
         if self._flush_wanted.is_set() or self._closed:
             remote.send(("flush", key))
         return True
@@ -820,16 +823,6 @@ def price_of(pricer: Pricer, record: UsageRecord) -> Price:
     if result.notes:
         notes = [*notes, *(n for n in result.notes if n not in notes)]
     return result.cost_usd, result.price_source, notes
-
-
-def _built(item: UsageRecord | PendingRecord) -> UsageRecord:
-    if isinstance(item, UsageRecord):
-        return item
-    try:
-        return item.build()
-    except Exception:  # a bug: log it, and still write the call
-        logger.exception("langchain-tokenledger: building a record failed; written as unknown")
-        return item.fallback()
 
 
 def _json_default(value: Any) -> Any:

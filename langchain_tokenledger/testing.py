@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import count
 from socketserver import TCPServer
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, BaseLLM, LangSmithParams
@@ -1149,16 +1149,18 @@ class FakeUsageChatModel(BaseChatModel):
         return params
 
     def _usage(self) -> UsageMetadata:
-        usage = UsageMetadata(
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
-            total_tokens=self.input_tokens + self.output_tokens,
-        )
+        # A plain dict, cast: checked for Python 3.10, mypy does not see langchain-core's
+        # typing.NotRequired (3.11+) and would ask for every detail key.
+        usage: dict[str, Any] = {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.input_tokens + self.output_tokens,
+        }
         if self.cached_tokens:
             usage["input_token_details"] = InputTokenDetails(cache_read=self.cached_tokens)
         if self.reasoning_tokens:
             usage["output_token_details"] = OutputTokenDetails(reasoning=self.reasoning_tokens)
-        return usage
+        return cast("UsageMetadata", usage)
 
     def _token_usage(self) -> dict[str, Any]:
         token_usage: dict[str, Any] = {

@@ -540,11 +540,15 @@ def from_llm_result(
     return usage
 
 
-def _one_choice_usage(result: LLMResult | None) -> Usage | None:
-    """:func:`from_llm_result` for the usual call (no stream usages), or ``None`` for others.
+def _one_choice_usage(
+    result: LLMResult | None, streamed: Mapping[str, Any] | None = None
+) -> Usage | None:
+    """:func:`from_llm_result` for the usual call, or ``None`` for others.
 
-    The usual call: one chat choice whose ``usage_metadata`` has the shape
-    :func:`_plain_int_usage` takes, and no LLM-cache replay (``total_cost`` absent).
+    The usual call: one chat choice, no LLM-cache replay (``total_cost`` absent from the
+    message's usage), and a usage of the shape :func:`_plain_int_usage` takes: the message's
+    ``usage_metadata``, or ``streamed``, the one usage report of a stream's chunks (which
+    :func:`stream_usage` would take as it is).
     """
     if result is None:
         return None
@@ -556,8 +560,15 @@ def _one_choice_usage(result: LLMResult | None) -> Usage | None:
         return None
     message = choice.message
     reported = getattr(message, "usage_metadata", None)
-    if type(reported) is not dict or "total_cost" in reported:
+    if streamed is None:
+        if type(reported) is not dict or "total_cost" in reported:
+            return None
+    elif reported is not None and (type(reported) is not dict or "total_cost" in reported):
         return None
+    else:
+        reported = streamed
+        if type(reported) is not dict:
+            return None
     usage = _plain_int_usage(reported)
     if usage is None:
         return None
@@ -602,7 +613,12 @@ def usage_for_call(
         >>> u.model, u.source, u.input_tokens, u.notes
         ('gpt-4o-mini', 'none', None, ['usage_unknown'])
     """
-    usage = None if chunk_usages else _one_choice_usage(result)
+    if not chunk_usages:
+        usage = _one_choice_usage(result)
+    elif len(chunk_usages) == 1:  # a stream that reported its usage once (OpenAI's last chunk)
+        usage = _one_choice_usage(result, chunk_usages[0])
+    else:
+        usage = None
     if usage is None:
         # Only completion-style calls (prompts, no messages) share one request across a batch.
         shared = batch_size if messages is None else 1

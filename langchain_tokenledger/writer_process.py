@@ -3,10 +3,10 @@
 Pricing a record, turning it into a row and inserting it costs tens of microseconds of CPU per
 LLM call. In a thread of the application's own interpreter that CPU holds the GIL the
 application needs, so every call pays for it. Instead, each process runs one writer process
-(started on first use, shared by its ledgers): the ledger's thread only packs records into
-``marshal`` frames (a few microseconds each) and the writer process does the rest on another
-core, with the same code a thread-mode ledger runs (:class:`~langchain_tokenledger.Ledger`
-with ``writer="thread"``).
+(started on first use, shared by its ledgers): the ledger's thread only forwards the records as
+the handler packed them (:mod:`~langchain_tokenledger.packing`), in ``marshal`` frames, and the
+writer process does the rest on another core, with the same code a thread-mode ledger runs
+(:class:`~langchain_tokenledger.Ledger` with ``writer="thread"``).
 
 Nothing is lost when the writer process is: a record counts as written only once the process
 reports it committed, and if the process dies the ledger takes every record it has not
@@ -14,8 +14,8 @@ confirmed back and writes it itself (writes are idempotent on ``run_id``).
 
 Protocol: length-prefixed ``marshal`` frames, tuples of plain values.
 
-* to the process: ``("open", key, options)``, ``("rows", key, records)``, ``("flush", key)``,
-  ``("close", key, timeout)``
+* to the process: ``("open", key, options)``, ``("rows", key, [packed record, ...])``,
+  ``("flush", key)``, ``("close", key, timeout)``
 * from it: ``("done", key, count)`` (records of that ledger committed or saved so far),
   ``("log", key, level, message)``, ``("lost", key, reason)``, ``("closed", key, count)``
 """
@@ -26,114 +26,25 @@ import contextlib
 import gc
 import logging
 import marshal
-import numbers
 import os
 import struct
 import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
-from decimal import Decimal
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from .records import RECORD_FIELDS, UsageRecord, record_values
 from .store import Ledger
 
 logger = logging.getLogger("langchain_tokenledger")
 
 _HEADER = struct.Struct("<I")
-_UTC = timezone.utc
-_COST = RECORD_FIELDS.index("cost_usd")
-_DATES = (RECORD_FIELDS.index("started_at"), RECORD_FIELDS.index("ended_at"))
-_JSON_FIELDS = {
-    RECORD_FIELDS.index(name): empty
-    for name, empty in (
-        ("usage_details", "{}"),
-        ("tags", "[]"),
-        ("metadata", "{}"),
-        ("notes", "[]"),
-    )
-}
-
 Message = tuple[Any, ...]
 
 
-# -- records <-> frames ----------------------------------------------------------------------
-
-
-def encode_records(records: Sequence[UsageRecord]) -> bytes:
-    """Records packed with ``marshal`` (see :func:`decode_records`).
-
-    Timestamps in UTC travel as POSIX floats (exact to the microsecond), others as ISO text;
-    costs as decimal text. A record holding something ``marshal`` refuses (a user object in its
-    metadata, say) is reduced to what its row would hold anyway: JSON-able values.
-
-    Example:
-        >>> packed = encode_records([UsageRecord(run_id="r1", total_tokens=3)])
-        >>> decode_records(packed) == [UsageRecord(run_id="r1", total_tokens=3)]
-        True
-    """
-    out: list[list[Any]] = []
-    for record in records:
-        values = list(record_values(record))
-        for i in _DATES:
-            when = values[i]
-            if when is not None:
-                values[i] = when.timestamp() if when.tzinfo is _UTC else when.isoformat()
-        if values[_COST] is not None:
-            values[_COST] = str(values[_COST])
-        out.append(values)
-    try:
-        return marshal.dumps(out)
-    except ValueError:
-        return marshal.dumps([_plain(values) for values in out])
-
-
-def _plain(values: list[Any]) -> list[Any]:
-    try:
-        marshal.dumps(values)
-        return values
-    except ValueError:
-        pass
-    import json
-
-    from .writers import _json
-
-    plain: list[Any] = []
-    for i, value in enumerate(values):
-        empty = _JSON_FIELDS.get(i)
-        if empty is not None:
-            plain.append(json.loads(_json(value, empty)))
-        elif value is None or type(value) in (str, int, float, bool):
-            plain.append(value)
-        elif isinstance(value, numbers.Integral):
-            plain.append(int(value))
-        elif isinstance(value, numbers.Real):
-            plain.append(float(value))
-        else:
-            plain.append(str(value))
-    return plain
-
-
-def decode_records(packed: bytes) -> list[UsageRecord]:
-    """The records :func:`encode_records` packed."""
-    out: list[UsageRecord] = []
-    for values in marshal.loads(packed):  # lists, as packed
-        for i in _DATES:
-            when = values[i]
-            if when is not None:
-                values[i] = (
-                    datetime.fromtimestamp(when, _UTC)
-                    if when.__class__ is float
-                    else datetime.fromisoformat(when)
-                )
-        if values[_COST] is not None:
-            values[_COST] = Decimal(values[_COST])
-        out.append(UsageRecord(*values))
-    return out
+# -- frames ----------------------------------------------------------------------------------
 
 
 def _write_frame(stream: IO[bytes], message: Message) -> None:
@@ -376,7 +287,7 @@ def main() -> None:
         kind, key = message[0], message[1]
         try:
             if kind == "rows":
-                ledgers[key].record_many(decode_records(message[2]))
+                ledgers[key]._extend(message[2])
             elif kind == "flush":
                 ledger = ledgers[key]
                 ledger._flush_wanted.set()

@@ -339,6 +339,39 @@ def test_in_strict_mode_a_handler_fault_is_raised(
         openai_server.chat_model(MODEL).invoke("strict", {"callbacks": [handler]})
 
 
+class _BrokenValuesHandler(TokenLedgerHandler):
+    """A handler with a bug in building a finished call's record."""
+
+    def _values(self, *args: Any, **kwargs: Any) -> list[Any]:
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_call_whose_record_cannot_be_built_is_still_written_and_the_fault_logged(
+    strict: bool,
+    openai_server: FakeOpenAIServer,
+    sqlite_ledger: Ledger,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    handler = _BrokenValuesHandler(sqlite_ledger)
+    handler.raise_error = strict
+    model = openai_server.chat_model(MODEL)
+
+    with caplog.at_level(logging.ERROR, logger="langchain_tokenledger"):
+        if strict:
+            with pytest.raises(RuntimeError, match="boom"):
+                model.invoke("a bug", {"callbacks": [handler], "run_name": "buggy"})
+        else:
+            model.invoke("a bug", {"callbacks": [handler], "run_name": "buggy"})
+    handler.flush()
+
+    [row] = rows(sqlite_ledger)
+    assert (row["run_name"], row["model"], row["status"]) == ("buggy", MODEL, "ok")
+    assert (row["total_tokens"], row["usage_source"]) == (None, "none")
+    assert row["notes"] == ["record_build_failed"]
+    assert any("packing a call failed" in r.getMessage() for r in caplog.records)
+
+
 # -- memory ----------------------------------------------------------------------------------
 
 

@@ -369,27 +369,3 @@ def test_a_row_the_database_refuses_is_isolated_and_saved_the_rest_written(
     assert [json.loads(line)["run_id"] for line in saved.read_text().splitlines()] == ["bad"]
     [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert "1 LLM call records could not be written" in error.getMessage()
-
-
-class _BrokenPending:
-    """A pending record whose build fails (a bug in the handler, say)."""
-
-    def build(self) -> UsageRecord:
-        raise RuntimeError("boom")
-
-    def fallback(self) -> UsageRecord:
-        return UsageRecord(run_id="r-broken", usage_source="none", notes=["record_build_failed"])
-
-
-def test_a_record_that_fails_to_build_is_still_written_and_the_fault_logged(
-    sqlite_ledger: Ledger, caplog: pytest.LogCaptureFixture
-) -> None:
-    with caplog.at_level(logging.ERROR, logger="langchain_tokenledger"):
-        sqlite_ledger.record_pending(_BrokenPending())
-        sqlite_ledger.record(full_record(run_id="r-fine"))
-        sqlite_ledger.flush()
-    assert sqlite_ledger.query("SELECT run_id, notes FROM llm_calls ORDER BY run_id") == [
-        {"run_id": "r-broken", "notes": '["record_build_failed"]'},
-        {"run_id": "r-fine", "notes": '["total_mismatch"]'},
-    ]
-    assert any("building a record failed" in r.getMessage() for r in caplog.records)

@@ -289,6 +289,53 @@ def test_streamed_chunk_usages_win_over_the_merged_message() -> None:
     assert u.notes == ["cumulative_stream_usage_corrected"]
 
 
+STREAM_REPORTS: list[Any] = [
+    OPENAI_USAGE,
+    {"input_tokens": 9, "output_tokens": 3, "total_tokens": 12},
+    {"input_tokens": 9, "output_tokens": 3},  # no total
+    {"input_tokens": 9, "output_tokens": 3, "total_tokens": 99},  # a total that disagrees
+    {"input_tokens": 9, "output_tokens": 3, "input_token_details": {"priority_cache_read": 4}},
+    {"input_tokens": 9, "output_tokens": 3, "output_token_details": {"reasoning": 5}},
+    {"input_tokens": 9, "output_tokens": "3"},  # not the usual shape: the general path
+    {"input_tokens": 9, "output_tokens": 3, "total_cost": 0},
+]
+
+
+@pytest.mark.parametrize("report", STREAM_REPORTS)
+@pytest.mark.parametrize("merged_usage", ["same", "none", "cache_hit"])
+@pytest.mark.parametrize("model_in", ["message", "llm_output", "nowhere"])
+def test_a_stream_reporting_once_is_read_as_the_general_rules_read_it(
+    report: dict[str, Any], merged_usage: str, model_in: str
+) -> None:
+    # The handler's fast path for a stream with one usage report (OpenAI's final chunk) must
+    # give exactly what from_llm_result gives, and stand aside where it cannot.
+    message_usage = {
+        "same": report,
+        "none": None,
+        "cache_hit": {**report, "total_cost": 0},
+    }[merged_usage]
+    meta = {"model_name": "gpt-4o-mini"} if model_in == "message" else {}
+    merged = AIMessageChunk("hi", response_metadata=meta)
+    merged.usage_metadata = message_usage  # type: ignore[assignment]  # as a stream merged it
+    result = LLMResult(
+        generations=[[ChatGenerationChunk(message=merged)]],
+        llm_output={"model_name": "gpt-4o"} if model_in == "llm_output" else None,
+    )
+
+    fast = usage._one_choice_usage(result, report)
+    general = usage.from_llm_result(result, chunk_usages=[report])
+
+    replayed = message_usage is not None and "total_cost" in message_usage
+    plain_ints = report["output_tokens"] != "3"
+    if replayed or not plain_ints:
+        assert fast is None
+    else:
+        assert fast == general
+    assert usage.usage_for_call(result, chunk_usages=[report]) == usage.usage_for_call(
+        result, chunk_usages=[report, {}]
+    )
+
+
 # -- one call ----------------------------------------------------------------------------------
 
 

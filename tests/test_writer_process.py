@@ -14,8 +14,9 @@ import pytest
 from helpers import hide_table, restore_table, rows_by_run_id
 
 from langchain_tokenledger import Ledger, LedgerError, UsageRecord
+from langchain_tokenledger.packing import pack_record, unpack_record
 from langchain_tokenledger.schema import llm_calls
-from langchain_tokenledger.writer_process import WriterProcess, decode_records, encode_records
+from langchain_tokenledger.writer_process import WriterProcess
 
 T0 = datetime(2026, 11, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
 
@@ -60,12 +61,12 @@ def records() -> list[UsageRecord]:
 
 def test_records_travel_to_the_writer_process_unchanged() -> None:
     plain = [r for r in records() if r.run_id != "r-opaque"]
-    assert decode_records(encode_records(plain)) == plain
+    assert [unpack_record(pack_record(r)) for r in plain] == plain
 
 
 def test_a_value_the_process_cannot_hold_travels_as_its_json_text() -> None:
     [opaque] = [r for r in records() if r.run_id == "r-opaque"]
-    [received] = decode_records(encode_records([opaque]))
+    received = unpack_record(pack_record(opaque))
     assert received.metadata == {"who": "opaque!", "n": 3}
     assert received.replace(metadata=opaque.metadata) == opaque
 
