@@ -6,9 +6,11 @@ Three sections (all by default, or pick with ``--only``):
   through ``asyncio.gather``), and a 20-chunk ``stream``/``astream`` of an in-process chat model
   that reports usage, with no callbacks, with langchain-core's ``UsageMetadataCallbackHandler``,
   and with ``TokenLedgerHandler`` writing to a SQLite file. Configurations are interleaved
-  (round-robin, rotating the order), each figure is a median over rounds, and the handlers'
-  *added* cost (time with handler - time without) is compared as a ratio, because these machines
-  drift more between runs than ratios do. The ledger's writer thread runs during the measurement
+  (round-robin, rotating the order), and a handler's *added* cost is the median over rounds of
+  (its block's time per call - the bare block's of the same round): pairing blocks of one round
+  cancels the machine's drift, which is larger than the differences measured. The added costs
+  are compared as a ratio; the spread of that ratio from round to round is printed beside it.
+  The ledger's writer thread runs during the measurement
   (it competes for the GIL: that is part of the cost); each block lasts several writer
   ``linger`` periods, and the rows left over at its end are flushed outside the timed region
   (the "incl. flush" column times that flush too, as an upper bound).
@@ -40,6 +42,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import quantiles
 from typing import Any
 
 from _bench import median, ratio, table, us
@@ -126,6 +129,15 @@ class Samples:
     backlog: list[int] = field(default_factory=list)
 
 
+def added(with_handler: Sequence[float], bare: Sequence[float]) -> float:
+    """The median over rounds of (time with a handler - time without it in the same round).
+
+    Pairing each block with the bare block of its own round cancels the machine's slow drift,
+    which medians taken over each configuration separately keep.
+    """
+    return median([w - b for w, b in zip(with_handler, bare, strict=True)])
+
+
 def measure_calls(rounds: int, scale: float, workdir: Path) -> list[list[str]]:
     """Interleaved per-call timings of every mode; one table row per mode."""
     model = FakeUsageChatModel()  # 20 chunks when streamed; native async
@@ -175,10 +187,21 @@ def measure_calls(rounds: int, scale: float, workdir: Path) -> list[list[str]]:
     for mode in all_modes:
         s = samples[mode.name]
         bare = median(s.per_call["bare"])
-        noop = median(s.per_call["noop"]) - bare
-        theirs = median(s.per_call["usage_callback"]) - bare
-        ours = median(s.per_call["tokenledger"]) - bare
-        ours_flushed = median(s.with_flush) - bare
+        noop = added(s.per_call["noop"], s.per_call["bare"])
+        theirs = added(s.per_call["usage_callback"], s.per_call["bare"])
+        ours = added(s.per_call["tokenledger"], s.per_call["bare"])
+        ours_flushed = added(s.with_flush, s.per_call["bare"])
+        per_round = [
+            (o - b) / (t - b)
+            for o, t, b in zip(
+                s.per_call["tokenledger"],
+                s.per_call["usage_callback"],
+                s.per_call["bare"],
+                strict=True,
+            )
+            if t > b
+        ]
+        low, _, high = quantiles(per_round, n=4) if len(per_round) > 1 else (0.0, 0.0, 0.0)
         verdict = "met" if ours <= TARGET * theirs else "NOT met"
         out.append(
             [
@@ -189,6 +212,7 @@ def measure_calls(rounds: int, scale: float, workdir: Path) -> list[list[str]]:
                 f"+{us(ours)}",
                 f"+{us(ours_flushed)}",
                 f"**{ratio(ours / theirs)}** ({verdict})",
+                f"{ratio(low)} .. {ratio(high)}",
                 f"{median([float(b) for b in s.backlog]):.0f} / {mode.calls}",
             ]
         )
@@ -304,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("calls", "context", "rate"), action="append")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke test)")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds of the per-call section")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of the per-call section")
     parser.add_argument("--context-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.context_worker:
@@ -319,8 +343,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="tokenledger-bench-") as tmp:
             rows = measure_calls(rounds, 0.25 if args.quick else 1.0, Path(tmp))
         print(
-            "Per-call time (median of "
-            f"{rounds} interleaved rounds; added = with handler - without):\n\n"
+            f"Per-call time ({rounds} interleaved rounds; added = median over rounds of "
+            "(with handler - without, same round)):\n\n"
             + table(
                 [
                     "call",
@@ -330,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "`TokenLedgerHandler` adds",
                     "… incl. flush",
                     f"ratio (target <= x{TARGET})",
+                    "ratio per round, middle half",
                     "rows pending at block end",
                 ],
                 rows,

@@ -71,8 +71,34 @@ def _drop_ledger_tables(url: str) -> None:
         engine.dispose()
 
 
+def _ensure_database(url: str) -> None:
+    """Create the scratch database named in ``url`` if its server has none by that name."""
+    parsed = sa.make_url(url)
+    name = parsed.database
+    if not name:
+        return
+    postgres = parsed.get_backend_name() == "postgresql"
+    admin = sa.create_engine(
+        parsed.set(database="postgres" if postgres else None), isolation_level="AUTOCOMMIT"
+    )
+    try:
+        with admin.connect() as conn:
+            if not postgres:
+                conn.execute(sa.text(f"CREATE DATABASE IF NOT EXISTS `{name}`"))
+            elif (
+                conn.execute(
+                    sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+                ).scalar()
+                is None
+            ):
+                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+
+
 def _server_backend(name: str, url: str, records: int) -> Backend | None:
     try:
+        _ensure_database(url)
         _drop_ledger_tables(url)
     except (SQLAlchemyError, ImportError) as exc:
         print(f"({name} skipped: {url} unreachable: {str(exc).splitlines()[0]})", file=sys.stderr)
