@@ -1,9 +1,10 @@
 """``TokenLedgerHandler``: LangChain callback events -> one :class:`UsageRecord` per LLM call.
 
 The handler follows the run tree so that every LLM row knows its parent, its root and the root's
-name. It does no I/O: finished records go to the ledger's queue, and the ledger's writer thread
-prices and writes them. Per-run state is dropped when a run ends (and evicted, with a row, when a
-run never ends), so memory stays flat.
+name. It does no I/O: a finished call's record is packed into bytes
+(:mod:`~langchain_tokenledger.packing`) and queued, and the ledger's writer unpacks, prices and
+writes it. Per-run state is dropped when a run ends (and evicted, with a row, when a run never
+ends), so memory stays flat.
 """
 
 from __future__ import annotations
@@ -604,18 +605,6 @@ class TokenLedgerHandler(BaseCallbackHandler):
             ancestry=run.ancestry,
         )
 
-    def _build(
-        self,
-        run: _LLMRun,
-        status: Status,
-        response: LLMResult | None,
-        error: BaseException | None,
-        ended: float,
-        extra_notes: Sequence[str] = (),
-    ) -> UsageRecord:
-        u = self._usage_of(run, status, response)
-        return self._record(run, u, status, error, ended, extra_notes)
-
     @staticmethod
     def _usage_of(run: _LLMRun, status: Status, response: LLMResult | None) -> _usage.Usage:
         return _usage.usage_for_call(
@@ -784,7 +773,8 @@ class TokenLedgerHandler(BaseCallbackHandler):
             )
         now = time.perf_counter()
         for run in runs:
-            self._emit(self._build(run, "cancelled", None, None, now, extra_notes=(note,)))
+            usage = self._usage_of(run, "cancelled", None)
+            self._emit(self._record(run, usage, "cancelled", None, now, (note,)))
         return len(runs)
 
 

@@ -114,7 +114,7 @@ def _fast_constructors(cls: type[_R]) -> Callable[..., _R]:
     """Give the frozen slots dataclass ``cls`` a faster ``__init__``; return a faster factory.
 
     A frozen dataclass's generated ``__init__`` sets each field through ``object.__setattr__``,
-    and the handler builds a record per LLM call (the writer a second one when it prices it).
+    and the writer builds one record per LLM call when it unpacks it.
     Instead, the instance is switched to a plain twin class with the same slots (so
     ``__class__`` assignment is allowed), its slots are filled with ordinary attribute stores,
     and it is switched back: less than half the time. Instances of a subclass take the slot

@@ -1,10 +1,10 @@
 """``Ledger``: owns the SQL engine and the background writer that batches rows into it.
 
-The callback path only calls :meth:`Ledger.record` (an append to an in-memory queue, no I/O).
-One daemon thread per ledger drains the queue, prices the records, and writes them in multi-row,
-idempotent batches. A failed batch is retried with backoff and kept in memory (bounded); what
-still cannot be written at :meth:`Ledger.close` is saved to a JSON-lines file and reported
-loudly.
+The callback path only calls :meth:`Ledger.record_packed` (an append to an in-memory queue, no
+I/O). One daemon thread per ledger drains the queue and hands the records to the writer process,
+or prices them and writes them in multi-row, idempotent batches itself. A failed batch is
+retried with backoff and kept in memory (bounded); what still cannot be written at
+:meth:`Ledger.close` is saved to a JSON-lines file and reported loudly.
 """
 
 from __future__ import annotations
