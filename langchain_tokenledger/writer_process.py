@@ -218,6 +218,10 @@ class _ChildLedger(Ledger):
     """The writer process's thread-mode ledger for one of the application's ledgers; it
     reports its progress to the application."""
 
+    # A time.sleep(0) costs ~0.1 ms here (a system call); with no application threads to let
+    # in, the process's short switch interval hands the GIL to the I/O thread soon enough.
+    _yield_between_slices = False
+
     def __init__(
         self, key: int, report: Callable[[Message], None], shown_as: str, **options: Any
     ) -> None:
@@ -280,6 +284,9 @@ def main() -> None:
     # collection, and collect the young generation less often.
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
+    # The I/O thread, back from SQLite or PostgreSQL with the GIL released, waits at most this
+    # long for the thread that prices and serializes (default 5 ms, a third of a statement).
+    sys.setswitchinterval(0.0005)
     while True:
         message = _read_frame(source)
         if message is None:

@@ -406,11 +406,13 @@ class SQLiteWriter(_RawWriter):
     would pay that wait once per row whenever another thread keeps the GIL busy. Batches are
     cut into power-of-two chunks, so a handful of cached statements cover any batch size. The
     writer's connection gets a larger page cache (the ledger's indexes outgrow SQLite's 2 MB
-    default cache after a few ten thousand rows) and checkpoints the WAL every 16,000 pages
-    (64 MB; SQLite's default is 1,000): every checkpoint waits for two fsyncs, and the index
-    pages every batch rewrites (the user and session indexes take inserts all over) are copied
-    into the database once per checkpoint. Against 4,000 pages that is an eighth less written
-    to disk and a tenth less time per row by 200,000 rows.
+    default cache after a few ten thousand rows) and checkpoints the WAL every 64 MB (SQLite's
+    default is 1,000 pages): every checkpoint waits for two fsyncs, and the index pages every
+    batch rewrites (the user and session indexes take inserts all over) are copied into the
+    database once per checkpoint. A ledger the package creates has 16 KB pages (see
+    ``store._sqlite_pragmas``): with 32,000-row batches, a batch touches and rewrites fewer,
+    fuller index pages, and the insert takes about a third less time per row than with 4 KB
+    pages and 8,000-row batches (``benchmarks/write_rate.py``).
 
     Rows hold ``NaN`` for NULL and ``1``/``0`` for booleans: the ``sqlite3`` module binds a
     ``float``, ``int`` or ``str`` directly but sends ``None`` and ``bool`` through its adapter
@@ -420,7 +422,8 @@ class SQLiteWriter(_RawWriter):
     """
 
     _ROW = f"({', '.join('?' for _ in RECORD_FIELDS)})"
-    _PRAGMAS = ("PRAGMA cache_size = -32768", "PRAGMA wal_autocheckpoint = 16000")
+    _PRAGMAS = ("PRAGMA cache_size = -32768",)
+    _WAL_CHECKPOINT_BYTES = 64 << 20
     _ts = staticmethod(_sqlite_ts)
     _cost = staticmethod(_decimal_text)
 
@@ -440,6 +443,9 @@ class SQLiteWriter(_RawWriter):
             try:
                 for pragma in self._PRAGMAS:
                     cur.execute(pragma)
+                (page_size,) = cur.execute("PRAGMA page_size").fetchone()
+                pages = max(1000, self._WAL_CHECKPOINT_BYTES // page_size)
+                cur.execute(f"PRAGMA wal_autocheckpoint = {pages}")
             finally:
                 cur.close()
         return self._conn

@@ -369,3 +369,36 @@ def test_a_row_the_database_refuses_is_isolated_and_saved_the_rest_written(
     assert [json.loads(line)["run_id"] for line in saved.read_text().splitlines()] == ["bad"]
     [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert "1 LLM call records could not be written" in error.getMessage()
+
+
+def test_a_new_sqlite_ledger_has_16k_pages_and_an_existing_one_keeps_its_own(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    new = tmp_path / "new.db"
+    Ledger(f"sqlite:///{new}").close()
+    old = tmp_path / "old.db"
+    sqlite3.connect(old).execute("CREATE TABLE other (x)").connection.close()  # 4 KB pages
+    with Ledger(f"sqlite:///{old}", writer="thread") as ledger:
+        ledger.record(UsageRecord(run_id="r1", total_tokens=3))
+        ledger.flush()
+        writer_pages = ledger._writer._connection().execute("PRAGMA wal_autocheckpoint")
+        assert writer_pages.fetchone() == (16384,)  # 64 MB of 4 KB pages
+
+    def page_size(path: Path) -> int:
+        conn = sqlite3.connect(path)
+        try:
+            return int(conn.execute("PRAGMA page_size").fetchone()[0])
+        finally:
+            conn.close()
+
+    assert (page_size(new), page_size(old)) == (16384, 4096)
+    with Ledger(f"sqlite:///{old}") as reopened:
+        assert reopened.query("SELECT total_tokens FROM llm_calls") == [{"total_tokens": 3}]
+
+
+def test_sqlite_batches_default_to_32000_rows_and_others_to_2000(backend_url: str) -> None:
+    with Ledger(backend_url) as ledger:
+        sqlite = ledger.url.get_backend_name() == "sqlite"
+        assert ledger.batch_size == (32_000 if sqlite else 2000)
