@@ -51,7 +51,7 @@ _Prepared = tuple[list[UsageRecord], list["Price"], "list[Row] | Exception"]
 _Item = UsageRecord | bytes
 """What the queue holds: a record, or a call the handler packed (see packing.py)."""
 _SLICE = 32  # records priced and serialized between two GIL releases (measured best)
-_SEND_SLICE = 256  # records packed for the writer process between two GIL releases
+_SEND_SLICE = 256  # packed records per frame to the writer process
 
 DEFAULT_URL = "sqlite:///tokenledger.db"
 URL_ENV = "TOKENLEDGER_URL"

@@ -104,3 +104,39 @@ def test_subclasses_still_construct() -> None:
     assert (type(extended), extended.extra, extended.notes) == (Extended, 3, [])
     with pytest.raises(dataclasses.FrozenInstanceError):
         plain.model = "x"
+
+
+def test_a_summary_counts_a_packed_call_as_its_record_and_keeps_the_first_per_run() -> None:
+    from langchain_tokenledger.packing import pack_record
+    from langchain_tokenledger.records import UsageSummary
+
+    def call(run_id: str, tokens: int, model: str = "m") -> UsageRecord:
+        return UsageRecord(
+            run_id=run_id,
+            root_run_id="root",
+            model=model,
+            input_tokens=tokens,
+            output_tokens=1,
+            total_tokens=tokens + 1,
+        )
+
+    priced: list[str] = []
+
+    def price(record: UsageRecord) -> UsageRecord:
+        priced.append(record.run_id)
+        return record.replace(cost_usd=Decimal("0.5"))
+
+    summary = UsageSummary(price=price)
+    assert summary.add_packed("r1", pack_record(call("r1", 10)))
+    assert not summary.add(call("r1", 99))  # the first record of a run is kept
+    assert summary.add(call("r2", 20, model="n"))
+    assert not summary.add_packed("r2", pack_record(call("r2", 99)))
+
+    assert (summary.total_tokens, summary.prompt_tokens, len(summary)) == (32, 30, 2)
+    assert summary.by_model["m"].total_tokens == 11
+    assert summary.total_cost == Decimal("1.0")
+    assert sorted(priced) == ["r1", "r2"]  # each priced once, when the totals were first read
+    assert summary.records == [
+        call("r1", 10).replace(cost_usd=Decimal("0.5")),
+        call("r2", 20, model="n").replace(cost_usd=Decimal("0.5")),
+    ]
