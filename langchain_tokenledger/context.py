@@ -37,6 +37,7 @@ from uuid import UUID
 from langchain_core.tracers.context import register_configure_hook
 
 from .handler import TokenLedgerHandler, _LLMRun, _Node, strict_mode
+from .packing import pack_record
 from .records import UsageRecord, UsageSummary
 from .store import Ledger, LedgerError, default_ledger, price_record
 
@@ -161,14 +162,7 @@ class Scope:
 
     def record(self, record: UsageRecord) -> None:
         """Deliver a finished call to the enclosing ledgers and every enclosing block's totals."""
-        for ledger in self.others:
-            ledger.record(record)
-        scope: Scope | None = self
-        while scope is not None:
-            scope.summary.add(record)
-            if scope.sink is not None:
-                scope.sink.add(record)
-            scope = scope.parent
+        self.record_packed(record.run_id, pack_record(record))
 
     def record_packed(self, run_id: str, packed: bytes) -> None:
         """:meth:`record` for a call the handler packed (see :mod:`~.packing`)."""

@@ -27,15 +27,6 @@ from .records import RECORD_FIELDS, UsageRecord, make_record, record_values
 _UTC = timezone.utc
 _COST = RECORD_FIELDS.index("cost_usd")
 _STARTED, _ENDED = RECORD_FIELDS.index("started_at"), RECORD_FIELDS.index("ended_at")
-_JSON_FIELDS = {
-    RECORD_FIELDS.index(name): empty
-    for name, empty in (
-        ("usage_details", "{}"),
-        ("tags", "[]"),
-        ("metadata", "{}"),
-        ("notes", "[]"),
-    )
-}
 
 
 def pack_values(values: list[Any]) -> bytes:
@@ -109,11 +100,11 @@ def unpack_records(packed: Sequence[bytes | UsageRecord]) -> list[UsageRecord]:
 
 def _plain(values: list[Any]) -> list[Any]:
     """``values`` with what ``marshal`` refuses reduced to what the row would store."""
-    from .writers import _json
+    from .writers import _JSON_EMPTY, _json  # not at import: the handler needs no SQLAlchemy
 
     plain: list[Any] = []
-    for i, value in enumerate(values):
-        empty = _JSON_FIELDS.get(i)
+    for name, value in zip(RECORD_FIELDS, values, strict=True):
+        empty = _JSON_EMPTY.get(name)
         if empty is not None:
             plain.append(json.loads(_json(value, empty)))
         elif value is None or type(value) in (str, int, float, bool):
