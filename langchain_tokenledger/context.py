@@ -230,7 +230,7 @@ class _ScopeHandler(TokenLedgerHandler):
         self._packs = True  # calls that end normally reach the scope through _deliver
 
     def _deliver(self, run_key: str, packed: bytes) -> None:
-        self.ledger.record_packed(packed)
+        super()._deliver(run_key, packed)
         self.scope.record_packed(run_key, packed)
 
     def _outer_node(self, run_id: UUID) -> _Node | None:

@@ -563,7 +563,7 @@ class TokenLedgerHandler(BaseCallbackHandler):
         # for one, rewrites the cached message's usage on its next hit).
         usage = self._usage_of(run, status, response)
         if not self._packs:
-            self._emit(self._record(run, usage, status, error, ended))
+            self._emit(record_from_values(self._values(run, usage, status, error, ended)))
             return
         try:
             packed = pack_values(self._values(run, usage, status, error, ended))
@@ -616,17 +616,6 @@ class TokenLedgerHandler(BaseCallbackHandler):
             prompts=run.prompts,
             messages=run.messages,
         )
-
-    def _record(
-        self,
-        run: _LLMRun,
-        u: _usage.Usage,
-        status: Status,
-        error: BaseException | None,
-        ended: float,
-        extra_notes: Sequence[str] = (),
-    ) -> UsageRecord:
-        return record_from_values(self._values(run, u, status, error, ended, extra_notes))
 
     def _values(
         self,
@@ -774,7 +763,8 @@ class TokenLedgerHandler(BaseCallbackHandler):
         now = time.perf_counter()
         for run in runs:
             usage = self._usage_of(run, "cancelled", None)
-            self._emit(self._record(run, usage, "cancelled", None, now, (note,)))
+            values = self._values(run, usage, "cancelled", None, now, (note,))
+            self._emit(record_from_values(values))
         return len(runs)
 
 

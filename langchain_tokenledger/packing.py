@@ -67,8 +67,7 @@ def pack_record(record: UsageRecord) -> bytes:
 
 def unpack_record(packed: bytes) -> UsageRecord:
     """The record :func:`pack_record` or :func:`pack_values` packed."""
-    values = marshal.loads(packed)
-    return record_from_values(values if type(values) is list else list(values))
+    return record_from_values(marshal.loads(packed))
 
 
 def record_from_values(values: list[Any]) -> UsageRecord:

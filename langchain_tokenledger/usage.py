@@ -559,16 +559,14 @@ def _one_choice_usage(
     if not isinstance(choice, ChatGeneration):
         return None
     message = choice.message
-    reported = getattr(message, "usage_metadata", None)
-    if streamed is None:
-        if type(reported) is not dict or "total_cost" in reported:
-            return None
-    elif reported is not None and (type(reported) is not dict or "total_cost" in reported):
+    message_usage = getattr(message, "usage_metadata", None)
+    if message_usage is not None and (
+        type(message_usage) is not dict or "total_cost" in message_usage
+    ):
         return None
-    else:
-        reported = streamed
-        if type(reported) is not dict:
-            return None
+    reported = message_usage if streamed is None else streamed
+    if type(reported) is not dict:
+        return None
     usage = _plain_int_usage(reported)
     if usage is None:
         return None

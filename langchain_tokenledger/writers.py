@@ -411,8 +411,8 @@ class SQLiteWriter(_RawWriter):
     batch rewrites (the user and session indexes take inserts all over) are copied into the
     database once per checkpoint. A ledger the package creates has 16 KB pages (see
     ``store._sqlite_pragmas``): with 32,000-row batches, a batch touches and rewrites fewer,
-    fuller index pages, and the insert takes about a third less time per row than with 4 KB
-    pages and 8,000-row batches (``benchmarks/write_rate.py``).
+    fuller index pages, and the insert takes a fifth to a quarter less time per row than with
+    4 KB pages and 8,000-row batches (``benchmarks/write_rate.py``, "SQLite insert" step).
 
     Rows hold ``NaN`` for NULL and ``1``/``0`` for booleans: the ``sqlite3`` module binds a
     ``float``, ``int`` or ``str`` directly but sends ``None`` and ``bool`` through its adapter
