@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import marshal
 import os
 import sys
 import tempfile
@@ -32,10 +33,11 @@ from _bench import median, priced_copy, realistic_records, stopwatch, table
 from sqlalchemy.exc import SQLAlchemyError
 
 from langchain_tokenledger import Ledger, UsageRecord
+from langchain_tokenledger.packing import pack_record
 from langchain_tokenledger.pricing import Pricer
 from langchain_tokenledger.records import RECORD_FIELDS
 from langchain_tokenledger.schema import create_schema
-from langchain_tokenledger.store import _create_engine, price_of
+from langchain_tokenledger.store import _create_engine, price_values
 from langchain_tokenledger.views import VIEW_NAMES
 from langchain_tokenledger.writers import PostgresWriter, Row, SQLiteWriter
 
@@ -167,14 +169,18 @@ def per_row_costs(
 ) -> list[tuple[str, float]]:
     """Median seconds per row of each writer-side step, measured interleaved.
 
-    Rows are built the way the ledger builds them (``prepare`` on slices of 32 records); the
-    insert step writes the rows of ``records``, already built, into an empty SQLite ledger.
+    The steps are the writer's own: it unpacks each call the handler packed to its field
+    values, prices those and builds the row from them (``prepare_values`` on slices of 32),
+    never building a record; the insert step writes the rows of ``records``, already built,
+    into an empty SQLite ledger.
     """
-    priced = [priced_copy(r) for r in records]
+    packed = [pack_record(r) for r in records]
+    values = [marshal.loads(p) for p in packed]
+    priced = [marshal.loads(pack_record(priced_copy(r))) for r in records]
     memo_warm = Pricer()
-    for r in records:
-        price_of(memo_warm, r)
-    unused = sa.create_engine("sqlite://")  # prepare() never connects
+    for v in values:
+        price_values(memo_warm, v)
+    unused = sa.create_engine("sqlite://")  # prepare_values() never connects
     sqlite_writer, postgres_writer = SQLiteWriter(unused), PostgresWriter(unused)
     sqlite_rows = _prepare_all(sqlite_writer, priced)
     counter = iter(range(1_000_000))
@@ -196,22 +202,23 @@ def per_row_costs(
         return step
 
     steps: dict[str, Callable[[], Callable[[], object]]] = {
+        "unpacking (`marshal.loads`)": lambda: lambda: [marshal.loads(p) for p in packed],
         # A fresh Pricer per round: realistic token counts rarely repeat, so the writer mostly
         # misses the pricer's result memo (its rate-card cache stays warm after the first call).
-        "pricing (`price_of`), new token counts": lambda: functools.partial(
-            _price_all, _fresh_pricer(records[0]), records
+        "pricing (`price_values`), new token counts": lambda: functools.partial(
+            _price_all, _fresh_pricer(values[0]), values
         ),
-        "pricing (`price_of`), repeated token counts": lambda: functools.partial(
-            _price_all, memo_warm, records
+        "pricing (`price_values`), repeated token counts": lambda: functools.partial(
+            _price_all, memo_warm, values
         ),
-        "row for SQLite (`SQLiteWriter.prepare`)": lambda: functools.partial(
+        "row for SQLite (`SQLiteWriter.prepare_values`)": lambda: functools.partial(
             _prepare_all, sqlite_writer, priced
         ),
-        "row for PostgreSQL (`PostgresWriter.prepare`)": lambda: functools.partial(
+        "row for PostgreSQL (`PostgresWriter.prepare_values`)": lambda: functools.partial(
             _prepare_all, postgres_writer, priced
         ),
         "generic row (`json.dumps`, `isoformat`, `str`)": lambda: (
-            lambda: [generic_row(r) for r in priced]
+            lambda: [generic_row(r) for r in records]
         ),
         "SQLite insert of built rows into an empty ledger (`execute`)": insert,
     }
@@ -222,27 +229,27 @@ def per_row_costs(
             with stopwatch() as t:
                 step()
             samples[name].append(t[0] / len(records))
-    return [(name, median(values)) for name, values in samples.items()]
+    return [(name, median(v)) for name, v in samples.items()]
 
 
 def _prepare_all(
-    writer: SQLiteWriter | PostgresWriter, records: Sequence[UsageRecord]
+    writer: SQLiteWriter | PostgresWriter, values: Sequence[Sequence[Any]]
 ) -> list[Row]:
     rows: list[Row] = []
-    for start in range(0, len(records), 32):
-        rows += writer.prepare(records[start : start + 32])
+    for start in range(0, len(values), 32):
+        rows += writer.prepare_values(values[start : start + 32])
     return rows
 
 
-def _fresh_pricer(first: UsageRecord) -> Pricer:
+def _fresh_pricer(first: Sequence[Any]) -> Pricer:
     pricer = Pricer()
-    price_of(pricer, first)  # resolve a rate card outside the timing
+    price_values(pricer, first)  # resolve a rate card outside the timing
     return pricer
 
 
-def _price_all(pricer: Pricer, records: Sequence[UsageRecord]) -> None:
-    for r in records:
-        price_of(pricer, r)
+def _price_all(pricer: Pricer, values: Sequence[Sequence[Any]]) -> None:
+    for v in values:
+        price_values(pricer, v)
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:

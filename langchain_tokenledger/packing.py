@@ -1,12 +1,13 @@
 """Records as bytes: the form a finished LLM call travels in from the handler to the writer.
 
 A packed record is ``marshal`` of its field values in column order (:data:`RECORD_FIELDS`), with
-timestamps in UTC as POSIX floats (exact to the microsecond; other timestamps as ISO text) and the
-cost as decimal text. The handler packs each call when it ends, and the ledger's queue, the pipe
-to the writer process and the records the writer process has not confirmed yet all hold these
-bytes: one small object per call, which the garbage collector never traverses, where a record
-would keep a dozen dicts and lists alive in the application until the writer took it. The
-writer unpacks each record once, where it prices and serializes it.
+timestamps in UTC as POSIX floats (exact to the microsecond from 1833 to 2106; other timestamps
+as ISO text) and the cost as decimal text. The handler packs each call when it ends, and the
+ledger's queue, the pipe to the writer process and the records the writer process has not
+confirmed yet all hold these bytes: one small object per call, which the garbage collector never
+traverses, where a record would keep a dozen dicts and lists alive in the application until the
+writer took it. The writer unpacks each record to its values once, and prices and serializes
+those values as they are: it never builds the record (see ``Ledger._prepare``).
 
 A value ``marshal`` refuses (a user object in the metadata, say) is reduced to what its row
 would hold anyway: the JSON the writer would have stored.
@@ -27,6 +28,7 @@ from .records import RECORD_FIELDS, UsageRecord, make_record, record_values
 _UTC = timezone.utc
 _COST = RECORD_FIELDS.index("cost_usd")
 _STARTED, _ENDED = RECORD_FIELDS.index("started_at"), RECORD_FIELDS.index("ended_at")
+_EXACT = float(2**32)
 
 
 def pack_values(values: list[Any]) -> bytes:
@@ -59,7 +61,9 @@ def pack_record(record: UsageRecord) -> bytes:
     for i in (_STARTED, _ENDED):
         when = values[i]
         if when is not None:
-            values[i] = when.timestamp() if when.tzinfo is _UTC else when.isoformat()
+            stamp = when.timestamp() if when.tzinfo is _UTC else _EXACT
+            # A double holds every microsecond exactly only within 2**32 s of 1970 (1833-2106).
+            values[i] = stamp if -_EXACT < stamp < _EXACT else when.isoformat()
     if values[_COST] is not None:
         values[_COST] = str(values[_COST])
     return pack_values(values)

@@ -25,7 +25,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
 from . import estimate
-from .records import Status, UsageRecord, UsageSource
+from .records import RECORD_FIELDS, Status, UsageRecord, UsageSource, record_values
 
 TIER_PREFIXES = ("priority_", "flex_")
 """Service-tier prefixes langchain-openai puts on token-detail keys (``priority_cache_read``)."""
@@ -656,6 +656,19 @@ def _estimate(
 
 
 _COUNT_ANOMALIES = ("coerced_count:", "invalid_count:", "negative_count:", "non_integer_count:")
+_SOURCE, _INPUT, _OUTPUT, _NOTES, _DETAILS, _CACHE_READ, _CACHE_WRITE, _REASONING = (
+    RECORD_FIELDS.index(name)
+    for name in (
+        "usage_source",
+        "input_tokens",
+        "output_tokens",
+        "notes",
+        "usage_details",
+        "cache_read_tokens",
+        "cache_creation_tokens",
+        "reasoning_tokens",
+    )
+)
 
 
 def priced_usage(record: UsageRecord) -> dict[str, Any] | None:
@@ -676,38 +689,37 @@ def priced_usage(record: UsageRecord) -> dict[str, Any] | None:
         ...                          total_tokens=7, usage_source="estimated"))
         {'input_tokens': 5, 'output_tokens': 2, 'total_tokens': 7}
     """
-    usage = usage_to_price(record)
+    usage = usage_to_price(record_values(record))
     return None if usage is None else dict(usage)
 
 
-def usage_to_price(record: UsageRecord) -> Mapping[str, Any] | None:
-    """:func:`priced_usage` without the copy: the record's own ``usage_details`` when those are
-    what is priced (for the writer, which only reads it).
+def usage_to_price(values: Sequence[Any]) -> Mapping[str, Any] | None:
+    """:func:`priced_usage` without the copy, from a record's field values in column order
+    (:func:`~langchain_tokenledger.records.record_values`, or a packed record's values, which
+    the writer prices without building the record): the row's own ``usage_details`` when those
+    are what is priced (the writer only reads it).
     """
-    if record.usage_source == "none" or record.input_tokens is None:
+    source, input_tokens, output_tokens = values[_SOURCE], values[_INPUT], values[_OUTPUT]
+    if source == "none" or input_tokens is None or output_tokens is None:
         return None
-    if record.output_tokens is None:
-        return None
-    clean = not record.notes or not any(n.startswith(_COUNT_ANOMALIES) for n in record.notes)
-    if record.usage_source == "provider" and record.usage_details and clean:
-        return record.usage_details
+    notes, details = values[_NOTES], values[_DETAILS]
+    clean = not notes or not any(n.startswith(_COUNT_ANOMALIES) for n in notes)
+    if source == "provider" and details and clean:
+        return details  # type: ignore[no-any-return]
     usage: dict[str, Any] = {
-        "input_tokens": record.input_tokens,
-        "output_tokens": record.output_tokens,
-        "total_tokens": record.input_tokens + record.output_tokens,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "total_tokens": input_tokens + output_tokens,
     }
     in_details = {
         k: v
-        for k, v in (
-            ("cache_read", record.cache_read_tokens),
-            ("cache_creation", record.cache_creation_tokens),
-        )
+        for k, v in (("cache_read", values[_CACHE_READ]), ("cache_creation", values[_CACHE_WRITE]))
         if v
     }
     if in_details:
         usage["input_token_details"] = in_details
-    if record.reasoning_tokens:
-        usage["output_token_details"] = {"reasoning": record.reasoning_tokens}
+    if values[_REASONING]:
+        usage["output_token_details"] = {"reasoning": values[_REASONING]}
     return usage
 
 

@@ -66,6 +66,14 @@ class BatchWriter(Protocol):
         self, records: Sequence[UsageRecord], prices: Sequence[Price] | None = None
     ) -> list[Row]: ...
 
+    def prepare_values(
+        self, values: Sequence[Sequence[Any]], prices: Sequence[Price] | None = None
+    ) -> list[Row]:
+        """:meth:`prepare` from each record's field values in column order, as
+        :func:`~langchain_tokenledger.records.record_values` gives them or as a packed record
+        holds them (what the ledger's writer thread has: it never builds the records)."""
+        ...
+
     def execute(self, rows: list[Row]) -> None: ...
 
     def write(
@@ -144,7 +152,22 @@ def _json(value: Any, empty: str) -> str:
         return _stdlib({"unencodable": repr(value)} if empty == "{}" else [repr(value)])
 
 
-def _naive_utc(value: datetime | None) -> datetime | None:
+Timestamp = datetime | float | str | None
+"""A timestamp as a record holds it (``datetime``) or as a packed record does (UTC POSIX
+seconds, or ISO text; see :mod:`~langchain_tokenledger.packing`)."""
+
+
+def _as_datetime(value: Timestamp) -> datetime | None:
+    """The ``datetime`` a packed timestamp stands for (a ``datetime`` or ``None`` as is)."""
+    if value.__class__ is float:
+        return datetime.fromtimestamp(value, _UTC)
+    if value.__class__ is str:
+        return datetime.fromisoformat(value)
+    return value  # type: ignore[return-value]
+
+
+def _naive_utc(value: Timestamp) -> datetime | None:
+    value = _as_datetime(value)
     if value is None:
         return None
     if value.tzinfo is not None and value.tzinfo is not _UTC:
@@ -152,16 +175,36 @@ def _naive_utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=None)
 
 
-def _sqlite_ts(value: datetime | None) -> str | None:
+def _decimal(value: Decimal | str | None) -> Decimal | None:
+    """A cost as a ``Decimal`` (a packed record holds its text)."""
+    return Decimal(value) if isinstance(value, str) else value
+
+
+def _sqlite_ts(value: Timestamp) -> str | None:
     """SQLAlchemy's SQLite DATETIME text, always with microseconds (text order = time order).
 
     Built from cached pieces: formatting seven numbers with ``%02d`` (or ``isoformat``) costs
-    2.5x as much.
+    2.5x as much. A packed timestamp (UTC POSIX seconds) is cut into its minute, second and
+    microsecond without a ``datetime``, rounding as ``datetime.fromtimestamp`` does (half to
+    even, on the same double).
 
     Example:
         >>> _sqlite_ts(datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc))
         '2026-01-02 03:04:05.000006'
+        >>> _sqlite_ts(datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc).timestamp())
+        '2026-01-02 03:04:05.000006'
     """
+    if value.__class__ is float and 0.0 <= value < _LAST_SECOND:
+        seconds = int(value)
+        micro = round((value - seconds) * 1e6)
+        if micro == 1_000_000:
+            seconds, micro = seconds + 1, 0
+        minute = seconds // 60
+        return (
+            f"{_MINUTE_TEXTS.get(minute) or _minute_text(minute)}"
+            f"{_TWO_DIGITS[seconds - minute * 60]}.{str(micro + 1_000_000)[1:]}"
+        )
+    value = _as_datetime(value)
     if value is None:
         return None
     if value.tzinfo is not _UTC:  # the handler's timestamps are UTC already
@@ -174,6 +217,7 @@ def _sqlite_ts(value: datetime | None) -> str | None:
     )
 
 
+_LAST_SECOND = 253402300799.0  # 9999-12-31 23:59:59 UTC; later floats take the datetime path
 _TWO_DIGITS = tuple(f"{i:02d}" for i in range(100))
 _DATE_TEXTS: dict[int, str] = {}
 """Proleptic ordinal of a day -> ``"YYYY-MM-DD "`` (its first part of a SQLite timestamp)."""
@@ -186,25 +230,40 @@ def _date_text(value: datetime) -> str:
     return text
 
 
-def _decimal_text(value: Decimal | None) -> str | None:
-    # SQLite's NUMERIC affinity parses both "0.0001" and "1E-4" to the same number.
+_MINUTE_TEXTS: dict[int, str] = {}
+"""Minutes since the epoch -> ``"YYYY-MM-DD HH:MM:"`` (the start of a SQLite timestamp)."""
+
+
+def _minute_text(minute: int) -> str:
+    if len(_MINUTE_TEXTS) >= 4096:
+        _MINUTE_TEXTS.clear()
+    hour, rest = divmod(minute % 1440, 60)
+    day = _EPOCH_ORDINAL + minute // 1440
+    date = _DATE_TEXTS.get(day) or _date_text(datetime.fromordinal(day))
+    text = _MINUTE_TEXTS[minute] = f"{date}{_TWO_DIGITS[hour]}:{_TWO_DIGITS[rest]}:"
+    return text
+
+
+_EPOCH_ORDINAL = datetime(1970, 1, 1).toordinal()
+
+
+def _decimal_text(value: Decimal | str | None) -> str | None:
+    # SQLite's NUMERIC affinity parses both "0.0001" and "1E-4" to the same number; a packed
+    # record's cost is this text already.
     return None if value is None else str(value)
 
 
-def _same(value: Any) -> Any:
-    return value
-
-
-RowFunction = Callable[[UsageRecord, "Price | None"], Row]
-"""``row(record, price)``: one record as its row (see :func:`to_row`)."""
+RowFunction = Callable[[Sequence[Any], "Price | None"], Row]
+"""``row(values, price)``: a record's field values (native or packed) as its row (see
+:func:`to_row`)."""
 
 _JSON_EMPTY = {"usage_details": "{}", "tags": "[]", "metadata": "{}", "notes": "[]"}
 _BOOLEANS = frozenset(c.name for c in llm_calls.columns if isinstance(c.type, sa.Boolean))
 
 
 def _row_function(
-    ts: Callable[[datetime | None], Any],
-    cost: Callable[[Decimal | None], Any],
+    ts: Callable[[Timestamp], Any],
+    cost: Callable[[Decimal | str | None], Any],
     *,
     null: object = None,
     bools_as_ints: bool = False,
@@ -219,8 +278,8 @@ def _row_function(
     """
     names = RECORD_FIELDS
     lines = [
-        "def row(r, price):",
-        f"    ({', '.join(names)},) = _values(r)",
+        "def row(values, price):",
+        f"    ({', '.join(names)},) = values",
         "    if price is not None:",
         "        cost_usd, price_source, notes = price",
         "    clipped = ''",
@@ -254,7 +313,6 @@ def _row_function(
         items.append(item)
     lines.append("    return (\n        " + ",\n        ".join(items) + ",\n    )")
     namespace: dict[str, Any] = {
-        "_values": record_values,
         "_ts": ts,
         "_cost": cost,
         "_json": _json,
@@ -268,7 +326,7 @@ _row_functions: dict[tuple[Callable[..., Any], Callable[..., Any]], RowFunction]
 
 
 def _row_function_for(
-    ts: Callable[[datetime | None], Any], cost: Callable[[Decimal | None], Any]
+    ts: Callable[[Timestamp], Any], cost: Callable[[Decimal | str | None], Any]
 ) -> RowFunction:
     function = _row_functions.get((ts, cost))
     if function is None:
@@ -278,8 +336,8 @@ def _row_function_for(
 
 def to_row(
     r: UsageRecord,
-    ts: Callable[[datetime | None], Any],
-    cost: Callable[[Decimal | None], Any],
+    ts: Callable[[Timestamp], Any],
+    cost: Callable[[Decimal | str | None], Any],
     price: Price | None = None,
 ) -> Row:
     """One record as a tuple in column order, JSON columns serialized.
@@ -293,28 +351,28 @@ def to_row(
         >>> row[0], row[RECORD_FIELDS.index("tags")], row[RECORD_FIELDS.index("notes")]
         ('r1', '["a"]', '[]')
     """
-    return _row_function_for(ts, cost)(r, price)
+    return _row_function_for(ts, cost)(record_values(r), price)
 
 
 def _rows(
-    row: RowFunction, records: Sequence[UsageRecord], prices: Sequence[Price] | None
+    row: RowFunction, values: Sequence[Sequence[Any]], prices: Sequence[Price] | None
 ) -> list[Row]:
     if prices is None:
-        return [row(r, None) for r in records]
-    return [row(r, p) for r, p in zip(records, prices, strict=True)]
+        return [row(v, None) for v in values]
+    return [row(v, p) for v, p in zip(values, prices, strict=True)]
 
 
 def to_rows(
     records: Sequence[UsageRecord],
     prices: Sequence[Price] | None,
-    ts: Callable[[datetime | None], Any],
-    cost: Callable[[Decimal | None], Any],
+    ts: Callable[[Timestamp], Any],
+    cost: Callable[[Decimal | str | None], Any],
 ) -> list[Row]:
     """:func:`to_row` of each record (with its price).
 
     Rows may repeat a ``run_id``: every writer keeps the first and skips the others.
     """
-    return _rows(_row_function_for(ts, cost), records, prices)
+    return _rows(_row_function_for(ts, cost), [record_values(r) for r in records], prices)
 
 
 def _first_of_each(rows: list[Row]) -> list[Row]:
@@ -332,8 +390,8 @@ def _first_of_each(rows: list[Row]) -> list[Row]:
 class _RawWriter:
     """Shared connection handling: one raw DBAPI connection, reopened after a failure."""
 
-    _ts: Callable[[datetime | None], Any] = staticmethod(_same)
-    _cost: Callable[[Decimal | None], Any] = staticmethod(_same)
+    _ts: Callable[[Timestamp], Any] = staticmethod(_as_datetime)
+    _cost: Callable[[Decimal | str | None], Any] = staticmethod(_decimal)
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
@@ -357,7 +415,12 @@ class _RawWriter:
     def prepare(
         self, records: Sequence[UsageRecord], prices: Sequence[Price] | None = None
     ) -> list[Row]:
-        return _rows(self._row, records, prices)
+        return _rows(self._row, [record_values(r) for r in records], prices)
+
+    def prepare_values(
+        self, values: Sequence[Sequence[Any]], prices: Sequence[Price] | None = None
+    ) -> list[Row]:
+        return _rows(self._row, values, prices)
 
     def execute(self, rows: list[Row]) -> None:
         conn = self._connection()
@@ -546,12 +609,17 @@ class CoreWriter:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
-        self._row = _row_function(_same, _same)
+        self._row = _row_function(_as_datetime, _decimal)
 
     def prepare(
         self, records: Sequence[UsageRecord], prices: Sequence[Price] | None = None
     ) -> list[Row]:
-        return _rows(self._row, records, prices)
+        return _rows(self._row, [record_values(r) for r in records], prices)
+
+    def prepare_values(
+        self, values: Sequence[Sequence[Any]], prices: Sequence[Price] | None = None
+    ) -> list[Row]:
+        return _rows(self._row, values, prices)
 
     def execute(self, rows: list[Row]) -> None:
         rows = _first_of_each(rows)

@@ -142,6 +142,15 @@ def test_timestamps_in_another_zone_or_naive_keep_their_zone() -> None:
     assert back.started_at is not None and back.started_at.utcoffset() == timedelta(hours=1)
 
 
+@pytest.mark.parametrize("year", [1, 1833, 1970, 2026, 2106, 2107, 3000, 9999])
+def test_utc_timestamps_keep_every_microsecond_in_any_year(year: int) -> None:
+    """Within 2**32 s of 1970 a UTC time travels as a float (exact there); beyond, as text."""
+    when = datetime(year, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
+    record = UsageRecord(run_id="r1", started_at=when, ended_at=when.replace(microsecond=1))
+    back = unpack_record(pack_record(record))
+    assert (back.started_at, back.ended_at) == (record.started_at, record.ended_at)
+
+
 def test_values_marshal_refuses_are_packed_as_the_json_their_row_holds() -> None:
     values = list(record_values(UsageRecord(run_id="r1", metadata={"who": Unprintable()})))
     values[RECORD_FIELDS.index("tags")] = ("a", Unprintable())

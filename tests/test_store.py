@@ -402,3 +402,42 @@ def test_sqlite_batches_default_to_32000_rows_and_others_to_2000(backend_url: st
     with Ledger(backend_url) as ledger:
         sqlite = ledger.url.get_backend_name() == "sqlite"
         assert ledger.batch_size == (32_000 if sqlite else 2000)
+
+
+def test_the_writer_prices_packed_values_as_it_prices_records() -> None:
+    """``price_values`` on what the handler packed (the writer thread's input) gives what
+    ``price_of`` gives for the record: every pricing rule, every timestamp form."""
+    import marshal
+
+    from langchain_tokenledger.packing import pack_record
+    from langchain_tokenledger.pricing import Pricer
+    from langchain_tokenledger.store import price_of, price_values
+
+    usage = {"input_tokens": 1000, "output_tokens": 200, "total_tokens": 1200}
+    base = dict(
+        run_id="r", model="gpt-4o-mini", provider="openai", input_tokens=1000,
+        output_tokens=200, total_tokens=1200, usage_source="provider", usage_details=usage,
+        started_at=T0,
+    )  # fmt: skip
+    cases = [
+        UsageRecord(**base),
+        UsageRecord(**{**base, "started_at": None}),
+        UsageRecord(**{**base, "started_at": T0.replace(tzinfo=None)}),  # naive: UTC
+        UsageRecord(**{**base, "started_at": datetime(2400, 1, 1, tzinfo=timezone.utc)}),
+        UsageRecord(**{**base, "cache_hit": True}),
+        UsageRecord(**{**base, "cost_usd": Decimal("0.125"), "price_source": "mine"}),
+        UsageRecord(**{**base, "model": "no-such-model-anywhere"}),
+        UsageRecord(**{**base, "model": None}),
+        UsageRecord(**{**base, "usage_source": "none", "input_tokens": None}),
+        UsageRecord(**{**base, "usage_source": "estimated", "cache_read_tokens": 500}),
+        UsageRecord(**{**base, "notes": ["negative_count:input"], "reasoning_tokens": 50}),
+        UsageRecord(
+            **{**base, "usage_details": {**usage, "input_token_details": {"priority": 1000}}}
+        ),
+    ]
+    pricer = Pricer()
+    priced = [price_of(pricer, r) for r in cases]
+    assert [price_values(pricer, marshal.loads(pack_record(r))) for r in cases] == priced
+    assert priced[0][0] == Decimal("0.00027")  # 1000 x $0.15/M + 200 x $0.60/M
+    assert priced[4][0] == Decimal(0) and priced[5] == (Decimal("0.125"), "mine", [])
+    assert priced[6][0] is None and priced[8][0] is None

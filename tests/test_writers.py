@@ -7,6 +7,8 @@ reference conversions, value by value and type by type.
 from __future__ import annotations
 
 import dataclasses
+import marshal
+import math
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -18,11 +20,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from langchain_tokenledger.packing import pack_record
 from langchain_tokenledger.records import RECORD_FIELDS, UsageRecord
 from langchain_tokenledger.schema import create_schema
 from langchain_tokenledger.store import _create_engine
 from langchain_tokenledger.writers import (
     _DATE_TEXTS,
+    _MINUTE_TEXTS,
+    CoreWriter,
+    MySQLWriter,
     PostgresWriter,
     Price,
     SQLiteWriter,
@@ -74,12 +80,57 @@ def test_sqlite_timestamps_are_sqlalchemys_text() -> None:
     assert _sqlite_ts(None) is None
 
 
+def packed_timestamp(value: datetime) -> float | str:
+    """A timestamp as a packed record holds it (see packing.py)."""
+    values = marshal.loads(pack_record(record(0, started_at=value)))
+    started = values[RECORD_FIELDS.index("started_at")]
+    assert isinstance(started, (float, str))
+    return started
+
+
+def test_sqlite_timestamps_of_packed_values_are_the_same_text() -> None:
+    """The writer formats a packed timestamp (POSIX float, or ISO text) without a datetime."""
+    packed_floats = 0
+    for value in random_datetimes(5000):
+        packed = packed_timestamp(value)
+        packed_floats += isinstance(packed, float)
+        assert _sqlite_ts(packed) == reference_ts(value), (value, packed)
+    assert packed_floats > 300  # the float path was taken
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        0.0,
+        0.0000005,  # half a microsecond: rounds to even (0)
+        0.0000015,  # rounds to 2
+        59.9999995,  # rounds up into the next minute
+        86399.9999996,  # and into the next day
+        1767225599.9999995,  # the last instant of 2025, as a double
+        1780000000.123456,
+        4294967295.999999,
+        253402300798.5,  # late in year 9999: the datetime path
+    ],
+)
+def test_sqlite_text_of_a_float_rounds_as_fromtimestamp(stamp: float) -> None:
+    assert _sqlite_ts(stamp) == reference_ts(datetime.fromtimestamp(stamp, UTC))
+
+
+def test_sqlite_text_of_random_floats_rounds_as_fromtimestamp() -> None:
+    rng = random.Random(11)
+    for _ in range(20000):
+        stamp = rng.choice([rng.uniform(0, 2**32), rng.randint(0, 2**32) + rng.random() / 1e5])
+        assert _sqlite_ts(stamp) == reference_ts(datetime.fromtimestamp(stamp, UTC)), stamp
+
+
 def test_the_day_cache_stays_small() -> None:
     start = datetime(2000, 1, 1, 12, tzinfo=UTC)
     for days in range(6000):
         value = start + timedelta(days=days, microseconds=days)
         assert _sqlite_ts(value) == reference_ts(value)
+        assert _sqlite_ts(value.timestamp()) == reference_ts(value)
     assert 0 < len(_DATE_TEXTS) <= 4096
+    assert 0 < len(_MINUTE_TEXTS) <= 4096
 
 
 @dataclasses.dataclass
@@ -207,6 +258,28 @@ def test_rows_for_other_databases_keep_none_and_booleans() -> None:
     assert rows == [
         to_row(r, writer._ts, writer._cost, p) for r, p in zip(records, prices, strict=True)
     ]
+
+
+def comparable(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows with every NaN alike (two NaN objects compare unequal)."""
+    return [
+        tuple("NaN" if isinstance(v, float) and math.isnan(v) else v for v in row) for row in rows
+    ]
+
+
+@pytest.mark.parametrize("kind", [SQLiteWriter, PostgresWriter, MySQLWriter, CoreWriter])
+@pytest.mark.parametrize("priced", [True, False])
+def test_rows_from_packed_values_are_the_rows_of_the_records(kind: type, priced: bool) -> None:
+    """What the writer thread does (rows straight from what the handler packed) gives the same
+    rows, value for value and type for type, as rows built from the records."""
+    writer = kind(sa.create_engine("sqlite://"))  # prepare() never connects
+    prices = PRICES if priced else None
+    packed = [marshal.loads(pack_record(r)) for r in RECORDS]
+    from_values = writer.prepare_values(packed, prices)
+    from_records = writer.prepare(RECORDS, prices)
+    assert comparable(from_values) == comparable(from_records)
+    types = [[type(v) for v in row] for row in from_values]
+    assert types == [[type(v) for v in row] for row in from_records]
 
 
 def test_a_long_name_is_clipped_and_noted_under_a_price() -> None:
