@@ -671,12 +671,13 @@ class Ledger:
             if self._remote is None:
                 return False
             self._unacked.extend(packed)
-        # If the process is gone, _remote_lost has put this batch back in the queue.
-        for start in range(0, len(packed), _SEND_SLICE):
-            if not remote.send(("rows", key, packed[start : start + _SEND_SLICE])):
-                return True
+        messages: list[tuple[Any, ...]] = [
+            ("rows", key, packed[start : start + _SEND_SLICE])
+            for start in range(0, len(packed), _SEND_SLICE)
+        ]
         if self._flush_wanted.is_set() or self._closed:
-            remote.send(("flush", key))
+            messages.append(("flush", key))
+        remote.send(*messages)  # if the process is gone, _remote_lost has put them back
         return True
 
     def _remote_done(self, count: int) -> None:

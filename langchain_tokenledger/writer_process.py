@@ -47,9 +47,13 @@ Message = tuple[Any, ...]
 # -- frames ----------------------------------------------------------------------------------
 
 
-def _write_frame(stream: IO[bytes], message: Message) -> None:
-    data = marshal.dumps(message)
-    stream.write(_HEADER.pack(len(data)) + data)
+def _write_frame(stream: IO[bytes], *messages: Message) -> None:
+    """Write ``messages`` in one system call (each one is a thread switch in the application)."""
+    parts: list[bytes] = []
+    for message in messages:
+        data = marshal.dumps(message)
+        parts += (_HEADER.pack(len(data)), data)
+    stream.write(b"".join(parts))
     stream.flush()
 
 
@@ -148,13 +152,13 @@ class WriterProcess:
             return None
         return key
 
-    def send(self, message: Message) -> bool:
-        """Send one message; ``False`` if the process is gone."""
+    def send(self, *messages: Message) -> bool:
+        """Send messages, in one write; ``False`` if the process is gone."""
         if not self._alive:
             return False
         try:
             with self._send_lock:
-                _write_frame(self._stdin, message)
+                _write_frame(self._stdin, *messages)
         except (OSError, ValueError):  # a broken pipe, or a pipe closed by the reader
             self._lose("the writer process stopped reading")
             return False
