@@ -441,3 +441,33 @@ def test_the_writer_prices_packed_values_as_it_prices_records() -> None:
     assert priced[0][0] == Decimal("0.00027")  # 1000 x $0.15/M + 200 x $0.60/M
     assert priced[4][0] == Decimal(0) and priced[5] == (Decimal("0.125"), "mine", [])
     assert priced[6][0] is None and priced[8][0] is None
+
+
+def test_a_call_that_cannot_be_priced_is_written_unpriced_and_flagged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pricing never costs a row: a pricer fault leaves the cost NULL, notes ``pricing_failed``
+    and is logged; a call that came with its own cost keeps it (thread writer: the pricer is
+    in this process)."""
+    from langchain_tokenledger.packing import pack_record
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}", writer="thread")
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("rate card unreadable")
+
+    monkeypatch.setattr(ledger.pricer, "price", broken)
+    try:
+        ledger.record(full_record("r1", cost_usd=None, price_source=None))
+        ledger.record_packed(pack_record(full_record("r2", cost_usd=None, price_source=None)))
+        ledger.record(full_record("r3", cost_usd=Decimal("0.5"), price_source="mine"))
+        with caplog.at_level(logging.ERROR, logger="langchain_tokenledger"):
+            ledger.flush()
+        stored = {r["run_id"]: r for r in rows_by_run_id(ledger)}
+    finally:
+        ledger.close()
+    for run_id in ("r1", "r2"):
+        assert stored[run_id]["cost_usd"] is None
+        assert stored[run_id]["notes"] == ["total_mismatch", "pricing_failed"]
+    assert (stored["r3"]["cost_usd"], stored["r3"]["notes"]) == (Decimal("0.5"), ["total_mismatch"])
+    assert sum("pricing failed for run" in r.getMessage() for r in caplog.records) == 2
