@@ -1045,9 +1045,10 @@ class Pricer:
 
         Example::
 
-            >>> Pricer().price(model="gpt-4o-mini", provider="openai",
-            ...                usage={"input_tokens": 0, "output_tokens": 0, "total_tokens": 0})
-            PriceResult(cost_usd=Decimal('0'), price_source='genai-prices 0.2.3', notes=())
+            >>> r = Pricer().price(model="gpt-4o-mini", provider="openai",
+            ...                    usage={"input_tokens": 0, "output_tokens": 0, "total_tokens": 0})
+            >>> r.cost_usd, r.price_source.startswith("genai-prices "), r.notes
+            (Decimal('0'), True, ())
         """
         try:
             extracted = _extract(usage, service_tier)
