@@ -23,7 +23,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,7 +36,7 @@ from .packing import pack_record, unpack_record, unpack_records
 from .records import RECORD_FIELDS, UsageRecord, record_values
 from .schema import create_schema
 from .usage import usage_to_price
-from .writers import BatchWriter, Price, Row, writer_for
+from .writers import BatchWriter, Price, Row, _as_datetime, _decimal, writer_for
 
 if TYPE_CHECKING:
     from .handler import TokenLedgerHandler
@@ -529,10 +529,8 @@ class Ledger:
             except Exception:  # pricing must never cost a row
                 run_id = values[0]
                 logger.exception("pricing failed for run %s; written unpriced", run_id)
-                cost, source, notes = values[_COST], values[_SOURCE], values[_NOTES]
-                if cost is not None and cost.__class__ is not Decimal:
-                    cost = Decimal(cost)
-                out.append((cost, source, [*notes, "pricing_failed"]))
+                notes = [*values[_NOTES], "pricing_failed"]
+                out.append((_decimal(values[_COST]), values[_SOURCE], notes))
         return out
 
     def _write_until_done(
@@ -859,19 +857,13 @@ def price_values(pricer: Pricer, values: Sequence[Any]) -> Price:
     """
     cost, notes = values[_COST], values[_NOTES]
     if cost is not None:
-        return (cost if cost.__class__ is Decimal else Decimal(cost)), values[_SOURCE], notes
+        return _decimal(cost), values[_SOURCE], notes
     if values[_CACHE_HIT]:
         return Decimal(0), pricer.version, notes
     usage = usage_to_price(values)  # read only: no copy
     if usage is None:
         return None, values[_SOURCE], notes
-    when = values[_STARTED]
-    if when is not None and when.__class__ is not datetime:
-        when = (
-            datetime.fromtimestamp(when, timezone.utc)
-            if when.__class__ is float
-            else datetime.fromisoformat(when)
-        )
+    when = _as_datetime(values[_STARTED])
     result = pricer.price(model=values[_MODEL], provider=values[_PROVIDER], usage=usage, when=when)
     if result.notes:
         notes = [*notes, *(n for n in result.notes if n not in notes)]
