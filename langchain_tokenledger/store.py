@@ -1,7 +1,8 @@
 """``Ledger``: owns the SQL engine and the background writer that batches rows into it.
 
-The callback path only calls :meth:`Ledger.record_packed` (an append to an in-memory queue, no
-I/O). One daemon thread per ledger drains the queue and hands the records to the writer process,
+The callback path only calls :meth:`Ledger.record_packed`: a copy into the shared-memory ring the
+writer process reads (:mod:`~langchain_tokenledger.ring`), or an append to an in-memory queue; no
+I/O. One daemon thread per ledger drains the queue and hands the records to the writer process,
 or prices them and writes them in multi-row, idempotent batches itself. A failed batch is
 retried with backoff and kept in memory (bounded); what still cannot be written at
 :meth:`Ledger.close` is saved to a JSON-lines file and reported loudly.
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from .handler import TokenLedgerHandler
     from .pricing import Pricer
     from .query import SummaryRow, When
+    from .ring import Ring
     from .writer_process import WriterProcess
 
 logger = logging.getLogger("langchain_tokenledger")
@@ -153,6 +155,29 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 _live: weakref.WeakSet[Ledger] = weakref.WeakSet()
+
+
+def _new_ring() -> Ring | None:
+    """A ring for a ledger the writer process opens; ``None`` where rings cannot be used."""
+    from . import ring
+
+    if not ring.available():
+        return None
+    try:
+        return ring.Ring.create()
+    except OSError as exc:
+        logger.debug("no shared-memory ring (%r): records go through the pipe", exc)
+        return None
+
+
+def _forget_rings_after_fork() -> None:
+    # A forked child shares its parent's rings: its records must not land in them.
+    for ledger in list(_live):
+        ledger._ring = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_rings_after_fork)
 _atexit_lock = threading.Lock()
 _atexit_registered = False
 
@@ -265,8 +290,14 @@ class Ledger:
         self._remote: WriterProcess | None = None
         self._remote_options: dict[str, Any] | None = None  # until the first batch opens it
         self._remote_key = 0
-        self._unacked: deque[bytes] = deque()
+        self._unacked: deque[bytes] = deque()  # sent through the pipe, not confirmed
+        self._pipe_acked = 0
         self._remote_acked = 0
+        # Once the writer process has this ledger open, where the callback path puts its calls
+        # (None: in the queue, for this process's writer thread).
+        self._ring: Ring | None = None
+        self._ring_put = 0  # records put in the ring, in all
+        self._ring_acked = 0  # of those, confirmed written by the writer process
         self._remote_finished = threading.Event()
         if mode == "process" and engine_kwargs is None:
             self._remote_options = self._options_for_remote(engine_url, prices)
@@ -317,8 +348,22 @@ class Ledger:
         """
         if self._closed:
             self.record(unpack_record(packed))
-        else:
+            return
+        if self._ring is None:
             self._enqueue(packed)
+            return
+        if self._enqueued - self._done >= self.max_pending:
+            self._wait_for_room()
+        with self._lock:
+            self._enqueued += 1
+            ring = self._ring
+            # Behind queued records only when the ring was full: the writer thread puts those.
+            if ring is not None and not self._items and ring.put(packed):
+                self._ring_put += 1
+                return
+            self._items.append(packed)
+        if self._writer_idle:
+            self._wake.set()
 
     def _enqueue(self, item: _Item) -> None:
         if self._enqueued - self._done - self._executing >= self.max_pending:
@@ -392,6 +437,10 @@ class Ledger:
                 return
             self._flush_wanted.set()
             self._wake.set()
+            remote = self._remote if self._ring is not None else None
+        if remote is not None:  # the writer process takes the ring's records now
+            remote.send(("flush", self._remote_key))
+        with self._cv:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._done < target:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -422,6 +471,7 @@ class Ledger:
         deadline = time.monotonic() + timeout + 5
         self._thread.join(timeout + 5)
         self._close_remote(timeout)
+        self._detach_ring()  # what a record_packed() racing with close() put there
         self._io_thread.join(max(0.0, deadline - time.monotonic()))
         self._write_taken_back()
         self._writer.close()
@@ -635,6 +685,7 @@ class Ledger:
             # The writer process has its own working directory.
             engine_url = engine_url.set(database=str(Path(engine_url.database).resolve()))
         return {
+            "poll": max(self.linger, 0.002),
             "url": engine_url.render_as_string(hide_password=False),
             "prices": prices,
             "batch_size": self.batch_size,
@@ -651,10 +702,18 @@ class Ledger:
 
         options, self._remote_options = self._remote_options, None
         process = WriterProcess.shared()
-        if options is not None and process is not None:
-            key = process.open(self, options)
-            if key is not None:
-                self._remote, self._remote_key = process, key
+        if options is None or process is None:
+            return
+        ring = _new_ring()
+        if ring is not None:
+            options["ring"] = ring.path
+        key = process.open(self, options)
+        if key is None:
+            if ring is not None:
+                ring.close()
+            return
+        with self._lock:
+            self._remote, self._remote_key, self._ring = process, key, ring
 
     def _send_remote(self, items: list[_Item]) -> bool:
         """Hand ``items`` to the writer process; ``False`` if they must be written here."""
@@ -668,6 +727,14 @@ class Ledger:
         with self._lock:
             if self._remote is None:
                 return False
+            ring = self._ring
+            if ring is not None:  # the ring was full, or a record is too big for it: the rest
+                put = ring.put
+                count = len(packed)
+                packed = [p for p in packed if not put(p)]
+                self._ring_put += count - len(packed)
+                if not packed and not self._flush_wanted.is_set() and not self._closed:
+                    return True
             self._unacked.extend(packed)
         messages: list[tuple[Any, ...]] = [
             ("rows", key, packed[start : start + _SEND_SLICE])
@@ -678,15 +745,19 @@ class Ledger:
         remote.send(*messages)  # if the process is gone, _remote_lost has put them back
         return True
 
-    def _remote_done(self, count: int) -> None:
+    def _remote_done(self, ring_count: int, pipe_count: int) -> None:
+        """The writer process has committed (and released) ``ring_count`` records of the ring
+        and ``pipe_count`` of those sent through the pipe, in all."""
         with self._cv:
-            newly = count - self._remote_acked
+            newly = ring_count + pipe_count - self._remote_acked
             if newly <= 0:
                 return
-            self._remote_acked = count
+            self._remote_acked = ring_count + pipe_count
+            self._ring_acked = ring_count
             unacked = self._unacked
-            for _ in range(min(newly, len(unacked))):
+            for _ in range(min(pipe_count - self._pipe_acked, len(unacked))):
                 unacked.popleft()
+            self._pipe_acked = pipe_count
             self._done += newly
             if self._done >= self._enqueued:
                 self._flush_wanted.clear()
@@ -697,8 +768,8 @@ class Ledger:
         if level >= logging.WARNING and "recovered" not in message:
             self._last_error = LedgerError(message)
 
-    def _remote_closed(self, count: int) -> None:
-        self._remote_done(count)
+    def _remote_closed(self, ring_count: int, pipe_count: int) -> None:
+        self._remote_done(ring_count, pipe_count)
         self._remote_finished.set()
 
     def _remote_lost(self, reason: str) -> None:
@@ -707,8 +778,12 @@ class Ledger:
             if self._remote is None:
                 return
             self._remote = None
-            back = self._unacked
+            back: list[bytes] = list(self._unacked)
             self._unacked = deque()
+            ring, self._ring = self._ring, None
+            if ring is not None:
+                back += self._take_back(ring)
+                ring.close()
             self._items.extendleft(reversed(back))
             self._cv.notify_all()
         if not self._closed:
@@ -717,6 +792,27 @@ class Ledger:
             )
         self._remote_finished.set()
         self._wake.set()
+
+    def _detach_ring(self) -> None:
+        """Stop using the ring; records in it the writer process did not release are queued
+        here again (after close(): a record_packed() that raced with it)."""
+        with self._cv:
+            ring, self._ring = self._ring, None
+            if ring is None:
+                return
+            self._items.extendleft(reversed(self._take_back(ring)))
+            self._cv.notify_all()
+        ring.close()
+
+    def _take_back(self, ring: Ring) -> list[bytes]:
+        """The records of ``ring`` the writer process has not released, to write here. The
+        process releases before it reports: records released and not reported are written,
+        and records reported and not released (were it the other way) would be written twice;
+        either way ``_done`` is set right (the caller holds the lock)."""
+        back = ring.unreleased()
+        self._done += self._ring_put - self._ring_acked - len(back)
+        self._ring_put = self._ring_acked = 0
+        return back
 
     def _save_unwritten(self, batch: Sequence[UsageRecord], exc: BaseException) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S")

@@ -8,16 +8,23 @@ the handler packed them (:mod:`~langchain_tokenledger.packing`), in ``marshal`` 
 writer process does the rest on another core, with the same code a thread-mode ledger runs
 (:class:`~langchain_tokenledger.Ledger` with ``writer="thread"``).
 
+Where shared memory can be used (:mod:`~langchain_tokenledger.ring`), the records do not go
+through a thread of the application at all: the callback path puts them in a ring the writer
+process reads every ``linger`` seconds (and at once on a flush). The pipe then carries only what
+did not fit in the ring.
+
 Nothing is lost when the writer process is: a record counts as written only once the process
-reports it committed, and if the process dies the ledger takes every record it has not
-confirmed back and writes it itself (writes are idempotent on ``run_id``).
+reports it committed (a ring's records stay in the ring until then), and if the process dies the
+ledger takes every record it has not confirmed back and writes it itself (writes are idempotent
+on ``run_id``).
 
 Protocol: length-prefixed ``marshal`` frames, tuples of plain values.
 
-* to the process: ``("open", key, options)``, ``("rows", key, [packed record, ...])``,
-  ``("flush", key)``, ``("close", key, timeout)``
-* from it: ``("done", key, count)`` (records of that ledger committed or saved so far),
-  ``("log", key, level, message)``, ``("lost", key, reason)``, ``("closed", key, count)``
+* to the process: ``("open", key, options)`` (``options["ring"]``: the ring's path, if any),
+  ``("rows", key, [packed record, ...])``, ``("flush", key)``, ``("close", key, timeout)``
+* from it: ``("done", key, ring_count, pipe_count)`` (records of that ledger committed or saved
+  so far, from the ring and from the pipe), ``("log", key, level, message)``,
+  ``("lost", key, reason)``, ``("closed", key, ring_count, pipe_count)``
 """
 
 from __future__ import annotations
@@ -31,16 +38,21 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from .ring import Ring
 from .store import Ledger
 
 logger = logging.getLogger("langchain_tokenledger")
 
 _HEADER = struct.Struct("<I")
+REPORT_EVERY = 0.25
+"""Seconds between reports of progress nobody waits for (see ``_ChildLedger.confirm``)."""
 Message = tuple[Any, ...]
 
 
@@ -76,13 +88,13 @@ def _read_frame(stream: IO[bytes]) -> Message | None:
 class Channel(Protocol):
     """What the writer process reports back to a ledger (implemented by ``Ledger``)."""
 
-    def _remote_done(self, count: int) -> None: ...
+    def _remote_done(self, ring_count: int, pipe_count: int) -> None: ...
 
     def _remote_log(self, level: int, message: str) -> None: ...
 
     def _remote_lost(self, reason: str) -> None: ...
 
-    def _remote_closed(self, count: int) -> None: ...
+    def _remote_closed(self, ring_count: int, pipe_count: int) -> None: ...
 
 
 class WriterProcess:
@@ -192,10 +204,10 @@ class WriterProcess:
         elif channel is None:
             return
         elif kind == "done":
-            channel._remote_done(message[2])
+            channel._remote_done(message[2], message[3])
         elif kind == "closed":
             self._channels.pop(key, None)
-            channel._remote_closed(message[2])
+            channel._remote_closed(message[2], message[3])
         elif kind == "lost":
             self._channels.pop(key, None)
             channel._remote_lost(message[2])
@@ -219,20 +231,93 @@ class WriterProcess:
 
 
 class _ChildLedger(Ledger):
-    """The writer process's thread-mode ledger for one of the application's ledgers; it
-    reports its progress to the application."""
+    """The writer process's thread-mode ledger for one of the application's ledgers: it takes
+    records from the application's ring and pipe, and reports its progress back."""
 
     # A time.sleep(0) costs ~0.1 ms here (a system call); with no application threads to let
     # in, the process's short switch interval hands the GIL to the I/O thread soon enough.
     _yield_between_slices = False
 
     def __init__(
-        self, key: int, report: Callable[[Message], None], shown_as: str, **options: Any
+        self,
+        key: int,
+        report: Callable[[Message], None],
+        shown_as: str,
+        ring: str | None = None,
+        poll: float = 0.05,
+        **options: Any,
     ) -> None:
         self.key = key
         self.report = report
         self.shown_as = shown_as
+        self._source = Ring.attach(ring) if ring is not None else None
+        # Taken records in order, each intake as (records enqueued after it, ring position
+        # after it, ring records taken, pipe records taken): once the ledger has written as
+        # many records as a mark's first figure, everything the mark counts is committed.
+        self._intake_lock = threading.Lock()
+        self._marks: deque[tuple[int, int, int, int]] = deque()
+        self._ring_end = self._ring_taken = self._pipe_taken = 0
+        self._confirmed = (0, 0)  # ring and pipe records committed and released, in all
+        self._reported = (0, 0)
+        self._reported_at = 0.0
+        self._stop_pulling = threading.Event()
         super().__init__(**options, writer="thread")
+        self._puller: threading.Thread | None = None
+        if self._source is not None:
+            self._puller = threading.Thread(
+                target=self._pull_every, args=(poll,), name="tokenledger-ring", daemon=True
+            )
+            self._puller.start()
+
+    def take_rows(self, rows: list[bytes]) -> None:
+        """Queue records that came through the pipe."""
+        with self._intake_lock:
+            self._extend(rows)
+            self._pipe_taken += len(rows)
+            self._mark()
+
+    def pull(self) -> None:
+        """Queue the records put in the ring since the last pull."""
+        with self._intake_lock:
+            if self._source is None or self._stop_pulling.is_set():
+                return
+            records, self._ring_end = self._source.take()
+            if records:
+                self._extend(records)
+                self._ring_taken += len(records)
+                self._mark()
+
+    def _mark(self) -> None:
+        with self._lock:
+            enqueued = self._enqueued
+        self._marks.append((enqueued, self._ring_end, self._ring_taken, self._pipe_taken))
+
+    def _pull_every(self, poll: float) -> None:
+        while not self._stop_pulling.wait(poll):
+            try:
+                self.pull()
+                self.confirm()  # progress not reported for a while
+            except Exception:  # logged to the application; the next pull tries again
+                logger.exception("%r: taking records from the ring failed", self)
+
+    def stop_pulling(self) -> None:
+        """Take what the ring holds one last time (before :meth:`close`)."""
+        self.pull()
+        self._stop_pulling.set()
+        if self._puller is not None:
+            self._puller.join()
+
+    def close_ring(self) -> None:
+        """Unmap the ring (after :meth:`close`)."""
+        with self._intake_lock:
+            source, self._source = self._source, None
+        if source is not None:
+            source.close()
+
+    @property
+    def taken(self) -> tuple[int, int]:
+        """Records taken from the ring and from the pipe, in all."""
+        return self._ring_taken, self._pipe_taken
 
     def __repr__(self) -> str:
         return self.shown_as
@@ -242,8 +327,33 @@ class _ChildLedger(Ledger):
         race with what the application does to its database meanwhile)."""
 
     def _write_until_done(self, batch: Any, prices: Any, rows: Any) -> None:
+        awaited = self._flush_wanted.is_set()  # cleared once this batch leaves nothing behind
         super()._write_until_done(batch, prices, rows)
-        self.report(("done", self.key, self._done))
+        self.confirm(awaited)
+
+    def confirm(self, awaited: bool = False) -> None:
+        """Release what is committed, and tell the application so if it waits (a flush), if
+        it keeps pipe records for it, or every :data:`REPORT_EVERY` seconds: each report wakes
+        a thread of the application, and in between its figures only grow stale."""
+        with self._intake_lock:
+            done = self._done
+            last = None
+            while self._marks and self._marks[0][0] <= done:
+                last = self._marks.popleft()
+            pipe_news = False
+            if last is not None:
+                _, end, ring_count, pipe_count = last
+                if self._source is not None:
+                    self._source.release(end)
+                pipe_news = pipe_count > self._confirmed[1]
+                self._confirmed = ring_count, pipe_count
+            now = time.monotonic()
+            due = self._confirmed != self._reported and now - self._reported_at >= REPORT_EVERY
+            if not (awaited or pipe_news or due):
+                return
+            self._reported_at = now
+            confirmed = self._reported = self._confirmed
+        self.report(("done", self.key, *confirmed))
 
 
 class _Forward(logging.Handler):
@@ -283,7 +393,7 @@ def main() -> None:
     log.addHandler(_Forward(report))
     log.setLevel(logging.DEBUG)
     log.propagate = False
-    ledgers: dict[int, Ledger] = {}
+    ledgers: dict[int, _ChildLedger] = {}
     # A process that only allocates short-lived records: keep the modules out of every
     # collection, and collect the young generation less often.
     gc.freeze()
@@ -298,24 +408,30 @@ def main() -> None:
         kind, key = message[0], message[1]
         try:
             if kind == "rows":
-                ledgers[key]._extend(message[2])
+                ledgers[key].take_rows(message[2])
             elif kind == "flush":
                 ledger = ledgers[key]
+                ledger.pull()
                 ledger._flush_wanted.set()
                 ledger._wake.set()
+                if ledger.pending == 0:  # nothing for the writer: the application is told now
+                    ledger.confirm(awaited=True)
             elif kind == "open":
                 ledgers[key] = _ChildLedger(key, report, **message[2])
             elif kind == "close":
                 ledger = ledgers.pop(key)
+                ledger.stop_pulling()
                 ledger.close(timeout=message[2])
-                report(("closed", key, ledger._done))
+                ledger.close_ring()
+                report(("closed", key, *ledger.taken))
         except Exception as exc:
             log.exception("writer process: %s failed", kind)
             failed = ledgers.pop(key, None)
             if failed is not None:  # the application writes what it had not confirmed again
                 threading.Thread(target=failed.close, daemon=True).start()
             report(("lost", key, f"{kind} failed in the writer process: {exc!r}"))
-    for ledger in ledgers.values():
+    for ledger in ledgers.values():  # the application is gone: what its rings hold is still here
+        ledger.stop_pulling()
         ledger.close()
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from helpers import hide_table, restore_table, rows_by_run_id
 
-from langchain_tokenledger import Ledger, LedgerError, UsageRecord
+from langchain_tokenledger import Ledger, LedgerError, TokenLedgerHandler, UsageRecord, ring, store
 from langchain_tokenledger.packing import pack_record, unpack_record
 from langchain_tokenledger.schema import llm_calls
+from langchain_tokenledger.testing import FakeUsageChatModel
 from langchain_tokenledger.writer_process import WriterProcess
 
 T0 = datetime(2026, 11, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
@@ -141,8 +142,18 @@ def test_the_writer_is_chosen_by_argument_or_environment(
         Ledger(f"sqlite:///{tmp_path / 'c.db'}")
 
 
+@pytest.fixture(params=["ring", "pipe"])
+def channel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How records reach the writer process: its shared-memory ring, or the pipe alone."""
+    if request.param == "ring" and not ring.available():
+        pytest.skip("rings need Linux on x86-64")
+    if request.param == "pipe":
+        monkeypatch.setattr(store, "_new_ring", lambda: None)
+    return str(request.param)
+
+
 def test_records_the_writer_process_had_are_written_here_when_it_dies(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, channel: str
 ) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     ledger = Ledger(url, fallback_dir=tmp_path)
@@ -151,9 +162,9 @@ def test_records_the_writer_process_had_are_written_here_when_it_dies(
     hide_table(url)  # the writer process receives the records but cannot write them
     ledger.record_many([UsageRecord(run_id=f"r{i}", total_tokens=i) for i in range(300)])
     deadline = time.monotonic() + 30
-    while len(ledger._unacked) < 300 and time.monotonic() < deadline:
+    while ledger._ring_put + len(ledger._unacked) < 300 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(ledger._unacked) == 300
+    assert (ledger._ring_put, len(ledger._unacked)) == ((300, 0) if channel == "ring" else (0, 300))
 
     os.kill(process.process_id, signal.SIGKILL)
     restore_table(url)
@@ -172,6 +183,35 @@ def test_records_the_writer_process_had_are_written_here_when_it_dies(
     assert after.writer == "process"
     assert WriterProcess.shared() is not process
     after.close()
+
+
+def test_records_the_ring_has_no_room_for_go_through_the_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not ring.available():
+        pytest.skip("rings need Linux on x86-64")
+    monkeypatch.setattr(ring, "DEFAULT_SIZE", 4096)  # room for about 16 calls
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    handler = TokenLedgerHandler(ledger)
+    model = FakeUsageChatModel()
+    model.invoke("warm-up", config={"callbacks": [handler]})
+    ledger.flush()
+    assert ledger._ring is not None
+    for i in range(500):
+        # every tenth call is bigger than the whole ring
+        metadata = {"user_id": f"u{i % 7}", "blob": "x" * (5000 if i % 10 == 0 else 10)}
+        model.invoke("hi", config={"callbacks": [handler], "metadata": metadata})
+    ledger.flush()
+
+    assert ledger.pending == 0
+    # Both ways were taken, and every call was confirmed once.
+    assert ledger._ring_acked >= 10 and ledger._pipe_acked >= 50
+    assert ledger._ring_acked + ledger._pipe_acked == 501
+    assert ledger.query(
+        "SELECT COUNT(*) AS n, COUNT(DISTINCT run_id) AS runs, SUM(total_tokens) AS tokens,"
+        " SUM(LENGTH(metadata) > 5000) AS big FROM llm_calls"
+    ) == [{"n": 501, "runs": 501, "tokens": 501 * 30, "big": 50}]
+    ledger.close()
 
 
 def test_the_writer_process_logs_through_this_process(
