@@ -208,7 +208,9 @@ class Ledger:
         batch_size: most rows per transaction; default 32,000 on SQLite (each commit rewrites
             every index page it touched: bigger batches write less per row), 2000 elsewhere.
         linger: seconds the writer waits for a batch to fill before writing (flush cuts it short).
-        max_pending: most records held in memory; past it :meth:`record` waits (back-pressure).
+        max_pending: most records held in this process's queue; past it :meth:`record` waits
+            (back-pressure). The writer process's shared-memory ring, of a fixed 8 MiB, holds
+            the others.
         fallback_dir: where rows that could not be written by :meth:`close` are saved.
         engine_kwargs: passed to :func:`sqlalchemy.create_engine`.
         writer: ``"process"`` (default; ``$TOKENLEDGER_WRITER`` can change it) prices and writes
@@ -346,24 +348,19 @@ class Ledger:
             >>> ledger.query("SELECT run_id, total_tokens FROM llm_calls")
             [{'run_id': 'r1', 'total_tokens': 5}]
         """
+        if self._ring is not None:
+            with self._lock:
+                ring = self._ring
+                # Behind queued records only when the ring was full: the writer thread puts
+                # those. (The ring's size bounds it: max_pending bounds the queue.)
+                if ring is not None and not self._items and ring.put(packed):
+                    self._enqueued += 1
+                    self._ring_put += 1
+                    return
         if self._closed:
             self.record(unpack_record(packed))
-            return
-        if self._ring is None:
+        else:
             self._enqueue(packed)
-            return
-        if self._enqueued - self._done >= self.max_pending:
-            self._wait_for_room()
-        with self._lock:
-            self._enqueued += 1
-            ring = self._ring
-            # Behind queued records only when the ring was full: the writer thread puts those.
-            if ring is not None and not self._items and ring.put(packed):
-                self._ring_put += 1
-                return
-            self._items.append(packed)
-        if self._writer_idle:
-            self._wake.set()
 
     def _enqueue(self, item: _Item) -> None:
         if self._enqueued - self._done - self._executing >= self.max_pending:
