@@ -790,6 +790,11 @@ class Ledger:
         self._remote_finished.set()
         self._wake.set()
 
+    def _remote_no_ring(self) -> None:
+        """The writer process cannot open the ring: its records go through the pipe."""
+        self._detach_ring()
+        self._wake.set()  # for what the ring held
+
     def _detach_ring(self) -> None:
         """Stop using the ring; records in it the writer process did not release are queued
         here again (after close(): a record_packed() that raced with it)."""

@@ -24,7 +24,8 @@ Protocol: length-prefixed ``marshal`` frames, tuples of plain values.
   ``("rows", key, [packed record, ...])``, ``("flush", key)``, ``("close", key, timeout)``
 * from it: ``("done", key, ring_count, pipe_count)`` (records of that ledger committed or saved
   so far, from the ring and from the pipe), ``("log", key, level, message)``,
-  ``("lost", key, reason)``, ``("closed", key, ring_count, pipe_count)``
+  ``("lost", key, reason)``, ``("noring", key)`` (the ring could not be opened: send through
+  the pipe), ``("closed", key, ring_count, pipe_count)``
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Channel(Protocol):
     def _remote_log(self, level: int, message: str) -> None: ...
 
     def _remote_lost(self, reason: str) -> None: ...
+    def _remote_no_ring(self) -> None: ...
 
     def _remote_closed(self, ring_count: int, pipe_count: int) -> None: ...
 
@@ -208,6 +210,8 @@ class WriterProcess:
         elif kind == "closed":
             self._channels.pop(key, None)
             channel._remote_closed(message[2], message[3])
+        elif kind == "noring":
+            channel._remote_no_ring()
         elif kind == "lost":
             self._channels.pop(key, None)
             channel._remote_lost(message[2])
@@ -250,7 +254,14 @@ class _ChildLedger(Ledger):
         self.key = key
         self.report = report
         self.shown_as = shown_as
-        self._source = Ring.attach(ring) if ring is not None else None
+        self._source: Ring | None = None
+        if ring is not None:
+            try:
+                self._source = Ring.attach(ring)
+            except (OSError, ValueError) as exc:  # a sandbox without /proc/<pid>/fd, say
+                note = f"{shown_as}: no shared-memory ring ({exc!r}); records come by the pipe"
+                report(("log", key, logging.INFO, note))
+                report(("noring", key))
         # Taken records in order, each intake as (records enqueued after it, ring position
         # after it, ring records taken, pipe records taken): once the ledger has written as
         # many records as a mark's first figure, everything the mark counts is committed.

@@ -214,6 +214,50 @@ def test_records_the_ring_has_no_room_for_go_through_the_pipe(
     ledger.close()
 
 
+def test_a_ring_the_writer_process_cannot_open_leaves_the_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not ring.available():
+        pytest.skip("rings need Linux on x86-64")
+
+    class Unreachable(ring.Ring):
+        path = str(tmp_path / "no-such-ring")  # as in a sandbox without /proc/<pid>/fd
+
+    monkeypatch.setattr(store, "_new_ring", Unreachable.create)
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    with caplog.at_level(logging.INFO, logger="langchain_tokenledger"):
+        ledger.record_many([UsageRecord(run_id=f"r{i}", total_tokens=i) for i in range(50)])
+        ledger.flush()  # the first batch opens the ledger in the writer process
+        for i in range(50, 100):
+            ledger.record(UsageRecord(run_id=f"r{i}", total_tokens=i))
+        ledger.flush()
+
+    assert ledger.writer == "process" and ledger._ring is None
+    assert (ledger._ring_acked, ledger._pipe_acked) == (0, 100)
+    assert ledger.query("SELECT COUNT(*) AS n, SUM(total_tokens) AS s FROM llm_calls") == [
+        {"n": 100, "s": sum(range(100))}
+    ]
+    assert any("no shared-memory ring" in r.getMessage() for r in caplog.records)
+    ledger.close()
+
+
+@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # a multi-threaded process
+def test_a_forked_child_does_not_write_into_its_parents_ring(tmp_path: Path) -> None:
+    if not ring.available():
+        pytest.skip("rings need Linux on x86-64")
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger.record(UsageRecord(run_id="r0"))
+    ledger.flush()
+    assert ledger._ring is not None
+    child = os.fork()
+    if child == 0:  # the child's calls go to its own queue, never into the parent's ring
+        os._exit(0 if ledger._ring is None else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert ledger._ring is not None
+    ledger.close()
+
+
 def test_the_writer_process_logs_through_this_process(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
