@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -239,6 +241,35 @@ def test_a_ring_the_writer_process_cannot_open_leaves_the_pipe(
     ]
     assert any("no shared-memory ring" in r.getMessage() for r in caplog.records)
     ledger.close()
+
+
+def test_calls_in_the_ring_are_written_when_the_application_dies(tmp_path: Path) -> None:
+    if not ring.available():
+        pytest.skip("rings need Linux on x86-64")
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    script = (
+        "import os\n"
+        "from langchain_tokenledger import Ledger, TokenLedgerHandler\n"
+        "from langchain_tokenledger.testing import FakeUsageChatModel\n"
+        f"ledger = Ledger({url!r})\n"
+        "handler = TokenLedgerHandler(ledger)\n"
+        "model = FakeUsageChatModel()\n"
+        "model.invoke('first', config={'callbacks': [handler]})\n"
+        "ledger.flush()\n"
+        "assert ledger._ring is not None\n"
+        "for _ in range(200):\n"
+        "    model.invoke('hi', config={'callbacks': [handler]})\n"
+        "os._exit(0)  # no flush, no close, no atexit: the calls are only in the ring\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+    reader = Ledger(url, writer="thread")
+    deadline = time.monotonic() + 30
+    query = "SELECT COUNT(*) AS n, SUM(total_tokens) AS tokens FROM llm_calls"
+    while reader.query(query)[0]["n"] < 201 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the orphaned writer process drains the ring, then exits
+    assert reader.query(query) == [{"n": 201, "tokens": 201 * 30}]
+    reader.close()
 
 
 @pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # a multi-threaded process
