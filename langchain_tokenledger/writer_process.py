@@ -271,6 +271,7 @@ class _ChildLedger(Ledger):
         self._confirmed = (0, 0)  # ring and pipe records committed and released, in all
         self._reported = (0, 0)
         self._reported_at = 0.0
+        self._flush_asked = False  # until all taken so far is reported
         self._stop_pulling = threading.Event()
         super().__init__(**options, writer="thread")
         self._puller: threading.Thread | None = None
@@ -297,6 +298,16 @@ class _ChildLedger(Ledger):
                 self._extend(records)
                 self._ring_taken += len(records)
                 self._mark()
+
+    def flush_asked(self) -> None:
+        """The application waits on a flush: take the ring's records and write them now."""
+        self.pull()
+        with self._intake_lock:
+            self._flush_asked = True
+        self._flush_wanted.set()
+        self._wake.set()
+        if self.pending == 0:  # nothing for the writer: the application is told now
+            self.confirm()
 
     def _mark(self) -> None:
         with self._lock:
@@ -338,11 +349,10 @@ class _ChildLedger(Ledger):
         race with what the application does to its database meanwhile)."""
 
     def _write_until_done(self, batch: Any, prices: Any, rows: Any) -> None:
-        awaited = self._flush_wanted.is_set()  # cleared once this batch leaves nothing behind
         super()._write_until_done(batch, prices, rows)
-        self.confirm(awaited)
+        self.confirm()
 
-    def confirm(self, awaited: bool = False) -> None:
+    def confirm(self) -> None:
         """Release what is committed, and tell the application so if it waits (a flush), if
         it keeps pipe records for it, or every :data:`REPORT_EVERY` seconds: each report wakes
         a thread of the application, and in between its figures only grow stale."""
@@ -360,8 +370,10 @@ class _ChildLedger(Ledger):
                 self._confirmed = ring_count, pipe_count
             now = time.monotonic()
             due = self._confirmed != self._reported and now - self._reported_at >= REPORT_EVERY
-            if not (awaited or pipe_news or due):
+            if not (self._flush_asked or pipe_news or due):
                 return
+            if self._confirmed == (self._ring_taken, self._pipe_taken):
+                self._flush_asked = False  # what the flush waits for is all in this report
             self._reported_at = now
             confirmed = self._reported = self._confirmed
         self.report(("done", self.key, *confirmed))
@@ -421,12 +433,7 @@ def main() -> None:
             if kind == "rows":
                 ledgers[key].take_rows(message[2])
             elif kind == "flush":
-                ledger = ledgers[key]
-                ledger.pull()
-                ledger._flush_wanted.set()
-                ledger._wake.set()
-                if ledger.pending == 0:  # nothing for the writer: the application is told now
-                    ledger.confirm(awaited=True)
+                ledgers[key].flush_asked()
             elif kind == "open":
                 ledgers[key] = _ChildLedger(key, report, **message[2])
             elif kind == "close":
