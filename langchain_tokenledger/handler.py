@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import marshal
 import os
 import threading
 import time
@@ -236,7 +235,6 @@ class TokenLedgerHandler(BaseCallbackHandler):
         # A ledger takes our calls packed (a stand-in sink, or on_record, gets records).
         self._record_packed: Callable[[bytes], None] | None = getattr(ledger, "record_packed", None)
         self._packs = self._record_packed is not None and on_record is None
-        self._deliver_directly = type(self)._deliver is TokenLedgerHandler._deliver
         self._next_sweep = time.perf_counter() + min(60.0, stale_after)
         # Closing the ledger then writes our in-flight calls (a stand-in sink may not do that).
         handlers = getattr(ledger, "_handlers", None)
@@ -382,21 +380,13 @@ class TokenLedgerHandler(BaseCallbackHandler):
         messages: Sequence[BaseMessage] | None,
         prompts: Sequence[str] | None,
     ) -> None:
-        # This runs on every call: the common cases of _run_name, _enter and _uuid_text are
-        # written out here, each function call saved being worth about 0.3 us in a busy loop.
         meta = metadata or _NO_METADATA
         model_hint = meta.get("ls_model_name")
         if not model_hint:
             params = invocation_params or _NO_METADATA
             model_hint = params.get("model") or params.get("model_name")
-        if name and type(name) is str:
-            run_name: str | None = name
-        else:
-            run_name = serialized.get("name") if serialized and not name else None
-            if not run_name or type(run_name) is not str:
-                run_name = _run_name(serialized, name)
         run = _LLMRun(
-            run_name,
+            _run_name(serialized, name),
             time.perf_counter(),
             time.time(),
             tags,
@@ -408,32 +398,10 @@ class TokenLedgerHandler(BaseCallbackHandler):
             prompts,
         )
         key = run_id.int
-        if type(run_id) is UUID:
-            h = key.to_bytes(16, "big").hex()
-            run.key = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-        else:
-            run.key = str(run_id)
         with self._lock:
-            parent = self._nodes.get(parent_run_id.int) if parent_run_id is not None else None
-            if parent is not None:
-                pid = parent.key
-                if pid is None:
-                    pid = parent.key = _uuid_text(parent_run_id)  # type: ignore[arg-type]
-                run.root = parent.root
-                run.root_name = parent.root_name
-                run.ancestry = f"{parent.ancestry}/{pid}" if parent.ancestry else pid
-                run.parent = pid
-                self._nodes[key] = run
-            elif parent_run_id is None:
-                run.root = run.key
-                run.root_name = run_name
-                run.ancestry = ""
-                run.parent = None
-                self._nodes[key] = run
-            else:  # a parent this handler did not see start (an enclosing handler may have)
-                text = run.key
-                self._enter(run_id, parent_run_id, run)
-                run.key = text
+            self._enter(run_id, parent_run_id, run)
+            if run.key is None:
+                run.key = _uuid_text(run_id)
             self._llm_runs[key] = run
             self._awaiting_token[key] = run
         if self._nested:
@@ -593,34 +561,19 @@ class TokenLedgerHandler(BaseCallbackHandler):
             return  # a nested handler writes this call
         # The usage is read now: the response's messages are the application's (an LLM cache,
         # for one, rewrites the cached message's usage on its next hit).
-        usage = _usage.usage_for_call(
-            response,
-            status=status,
-            chunk_usages=run.chunk_usages or (),
-            batch_size=run.batch_size,
-            model_hint=run.model_hint,
-            prompts=run.prompts,
-            messages=run.messages,
-        )
+        usage = self._usage_of(run, status, response)
         if not self._packs:
             self._emit(record_from_values(self._values(run, usage, status, error, ended)))
             return
         try:
-            values = self._values(run, usage, status, error, ended)
-            try:
-                packed = marshal.dumps(values)  # pack_values, written out (see _start_llm)
-            except ValueError:
-                packed = pack_values(values)
+            packed = pack_values(self._values(run, usage, status, error, ended))
         except Exception:  # a bug: log it, and still write the call
             logger.exception("langchain-tokenledger: packing a call failed; written as unknown")
             self._emit(self._fallback(run, status))
             if self.raise_error:
                 raise
             return
-        if self._deliver_directly:
-            self._record_packed(packed)  # type: ignore[misc]  # not None: see __init__
-        else:
-            self._deliver(run.key, packed)
+        self._deliver(run.key, packed)
 
     def _deliver(self, run_key: str, packed: bytes) -> None:
         """Hand a finished call, packed, to the ledger."""
