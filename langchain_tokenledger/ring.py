@@ -153,7 +153,7 @@ class Ring:
 
     def unreleased(self) -> list[bytes]:
         """The records the writer process has not released: what it may not have committed."""
-        return list(self._records(self._header[_RELEASED], self._written))
+        return [record for _, record in self._walk(self._header[_RELEASED], self._written)]
 
     # -- the writer process's side -------------------------------------------------------
 
@@ -187,10 +187,6 @@ class Ring:
             self._fd = None
 
     # -- both ----------------------------------------------------------------------------
-
-    def _records(self, start: int, end: int) -> Iterator[bytes]:
-        for _, record in self._walk(start, end):
-            yield record
 
     def _walk(self, position: int, end: int) -> Iterator[tuple[int, bytes]]:
         """``(position after it, record)`` for each record from ``position`` to ``end``."""

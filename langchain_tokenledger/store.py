@@ -779,12 +779,8 @@ class Ledger:
             if self._remote is None:
                 return
             self._remote = None
-            back: list[bytes] = list(self._unacked)
+            back = list(self._unacked) + self._drop_ring()
             self._unacked = deque()
-            ring, self._ring = self._ring, None
-            if ring is not None:
-                back += self._take_back(ring)
-                ring.close()
             self._items.extendleft(reversed(back))
             self._cv.notify_all()
         if not self._closed:
@@ -803,21 +799,22 @@ class Ledger:
         """Stop using the ring; records in it the writer process did not release are queued
         here again (after close(): a record_packed() that raced with it)."""
         with self._cv:
-            ring, self._ring = self._ring, None
-            if ring is None:
-                return
-            self._items.extendleft(reversed(self._take_back(ring)))
+            self._items.extendleft(reversed(self._drop_ring()))
             self._cv.notify_all()
-        ring.close()
 
-    def _take_back(self, ring: Ring) -> list[bytes]:
-        """The records of ``ring`` the writer process has not released, to write here. The
-        process releases before it reports: records released and not reported are written,
+    def _drop_ring(self) -> list[bytes]:
+        """Close the ring; the records the writer process has not released, to write here.
+
+        The process releases before it reports: records released and not reported are written,
         and records reported and not released (were it the other way) would be written twice;
         either way ``_done`` is set right (the caller holds the lock)."""
+        ring, self._ring = self._ring, None
+        if ring is None:
+            return []
         back = ring.unreleased()
         self._done += self._ring_put - self._ring_acked - len(back)
         self._ring_put = self._ring_acked = 0
+        ring.close()
         return back
 
     def _save_unwritten(self, batch: Sequence[UsageRecord], exc: BaseException) -> None:
