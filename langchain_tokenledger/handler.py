@@ -255,6 +255,15 @@ class TokenLedgerHandler(BaseCallbackHandler):
         """LLM calls started and not yet ended."""
         return len(self._llm_runs)
 
+    def _after_fork(self) -> None:
+        """In a forked child: forget the LLM calls in flight (the parent records them; ended
+        here as unfinished, they would write a second, wrong row), keep the run tree."""
+        self._lock = threading.Lock()  # perhaps held by a thread of the parent
+        for key in self._llm_runs:
+            self._nodes.pop(key, None)
+        self._llm_runs = {}
+        self._awaiting_token = {}
+
     # -- run tree ------------------------------------------------------------------------
 
     def _enter(self, run_id: UUID, parent_run_id: UUID | None, node: _Node) -> None:

@@ -11,12 +11,14 @@ retried with backoff and kept in memory (bounded); what still cannot be written 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import marshal
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -170,16 +172,43 @@ def _new_ring() -> Ring | None:
         return None
 
 
-def _forget_rings_after_fork() -> None:
-    # A forked child shares its parent's rings: its records must not land in them.
-    for ledger in list(_live):
-        ledger._ring = None
+def _after_fork_in_child() -> None:
+    """A forked child (a ``gunicorn --preload`` worker, a ``multiprocessing`` fork) gets ledgers
+    of its own: see :meth:`Ledger._after_fork`."""
+    global _atexit_lock
+    _atexit_lock = threading.Lock()  # perhaps held by a thread of the parent
+    ledgers = [ledger for ledger in list(_live) if not ledger._closed]
+    for ledger in ledgers:
+        try:
+            ledger._after_fork()
+        except Exception:  # the child goes on; that ledger is left as it was
+            logger.exception("%r: taking the ledger over in a forked child failed", ledger)
+    util = sys.modules.get("multiprocessing.util")
+    if ledgers and util is not None:
+        # A multiprocessing child clears its finalizers, then runs these after-forkers.
+        util.register_after_fork(_close_all, lambda _: _close_at_multiprocessing_exit())
+
+
+def _close_at_multiprocessing_exit() -> None:
+    """A ``multiprocessing`` child (fork, forkserver) ends with ``os._exit``, which skips
+    ``atexit``: close the ledgers (flushing them) as it runs its finalizers instead."""
+    global _finalizer_pid
+    if _finalizer_pid == os.getpid():
+        return
+    process = sys.modules.get("multiprocessing.process")
+    if process is None or process.parent_process() is None:
+        return
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(None, _close_all, exitpriority=10)
+    _finalizer_pid = os.getpid()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_rings_after_fork)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 _atexit_lock = threading.Lock()
 _atexit_registered = False
+_finalizer_pid = 0  # the process whose multiprocessing finalizers close the ledgers
 
 
 def _close_all() -> None:
@@ -263,6 +292,21 @@ class Ledger:
         self.fallback_dir = Path(fallback_dir) if fallback_dir is not None else Path.cwd()
         self._writer: BatchWriter = writer_for(self.engine)
         self.max_pending = max_pending
+        self._closed = False
+        self._closing_deadline = float("inf")
+        self._handlers: weakref.WeakSet[TokenLedgerHandler] = weakref.WeakSet()
+        # How the writer process opens this ledger (None: this process writes it).
+        self._remote_plan: dict[str, Any] | None = None
+        if mode == "process" and engine_kwargs is None:
+            self._remote_plan = self._options_for_remote(engine_url, prices)
+        self._start_writing()
+        _live.add(self)
+        _register_atexit()
+
+    def _start_writing(self) -> None:
+        """An empty queue, no writer threads yet (the first record starts them), and the
+        writer process still to open: a new ledger's, and a forked child's (see
+        :func:`_after_fork_in_child`)."""
         # The hot path appends under a plain lock (a C-level acquire, no Condition) and wakes
         # the writer only when it sleeps; flush() and back-pressure wait on _cv.
         self._items: deque[_Item] = deque()
@@ -274,23 +318,18 @@ class Ledger:
         self._writer_idle = False
         self._wake = threading.Event()
         self._flush_wanted = threading.Event()
-        self._closing = threading.Event()
-        self._closed = False
-        self._closing_deadline = float("inf")
         self._failing_since: float | None = None
         self._last_error: BaseException | None = None
         self._full_warned = False
         # Two threads: one prices and serializes batch N+1 (CPU, holds the GIL) while the
         # other waits on the database for batch N (GIL released); at most one batch between.
         self._prepared: queue.Queue[_Prepared | None] = queue.Queue(maxsize=1)
-        self._thread = threading.Thread(target=self._run, name="tokenledger-writer", daemon=True)
-        self._io_thread = threading.Thread(target=self._run_io, name="tokenledger-io", daemon=True)
-        self._thread.start()
-        self._io_thread.start()
-        self._handlers: weakref.WeakSet[TokenLedgerHandler] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+        self._io_thread: threading.Thread | None = None
         # The writer process's side of the books: records it has, not yet confirmed written.
         self._remote: WriterProcess | None = None
-        self._remote_options: dict[str, Any] | None = None  # until the first batch opens it
+        plan = self._remote_plan
+        self._remote_options = dict(plan) if plan is not None else None  # until the 1st batch
         self._remote_key = 0
         self._unacked: deque[bytes] = deque()  # sent through the pipe, not confirmed
         self._pipe_acked = 0
@@ -301,10 +340,40 @@ class Ledger:
         self._ring_put = 0  # records put in the ring, in all
         self._ring_acked = 0  # of those, confirmed written by the writer process
         self._remote_finished = threading.Event()
-        if mode == "process" and engine_kwargs is None:
-            self._remote_options = self._options_for_remote(engine_url, prices)
-        _live.add(self)
-        _register_atexit()
+
+    def _start_threads(self) -> None:
+        """Start the writer threads, once (on the first record: a ledger only read has none)."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._run, name="tokenledger-writer", daemon=True
+            )
+            self._io_thread = threading.Thread(
+                target=self._run_io, name="tokenledger-io", daemon=True
+            )
+            self._thread.start()
+            self._io_thread.start()
+
+    def _after_fork(self) -> None:
+        """Make this ledger a forked child's own.
+
+        The parent writes what it had queued, put in its ring or sent to its writer process:
+        the child drops its copies of those (written twice, they would count twice where a
+        replay is not the same row, and a queue copy could race the parent's). It keeps none
+        of the parent's threads (gone), locks (perhaps held by one of them), database
+        connections or writer process (speaking on them would interleave with the parent),
+        and starts its own on its first record.
+        """
+        if self._ring is not None:
+            with contextlib.suppress(BufferError, ValueError, OSError):  # left mapped: harmless
+                self._ring.close()  # this process's mapping and descriptor only
+        self._writer.abandon()
+        self.engine.dispose(close=False)
+        self._tempdir = None  # the parent removes it
+        for handler in list(self._handlers):
+            handler._after_fork()
+        self._start_writing()
 
     _yield_between_slices = True
     """Whether the writer thread gives up the GIL between slices of a batch (in the
@@ -365,6 +434,8 @@ class Ledger:
     def _enqueue(self, item: _Item) -> None:
         if self._enqueued - self._done - self._executing >= self.max_pending:
             self._wait_for_room()
+        if self._thread is None:
+            self._start_threads()
         with self._lock:
             self._enqueued += 1
             self._items.append(item)
@@ -397,6 +468,8 @@ class Ledger:
                 else:
                     self.record_packed(item)
             return
+        if self._thread is None:
+            self._start_threads()
         with self._lock:
             self._enqueued += len(items)
             self._items.extend(items)
@@ -470,10 +543,13 @@ class Ledger:
         self._flush_wanted.set()
         self._wake.set()
         deadline = time.monotonic() + timeout + 5
-        self._thread.join(timeout + 5)
+        thread, io_thread = self._thread, self._io_thread
+        if thread is not None:
+            thread.join(timeout + 5)
         self._close_remote(timeout)
         self._detach_ring()  # what a record_packed() racing with close() put there
-        self._io_thread.join(max(0.0, deadline - time.monotonic()))
+        if io_thread is not None:
+            io_thread.join(max(0.0, deadline - time.monotonic()))
         self._write_taken_back()
         self._writer.close()
         self.engine.dispose()
@@ -981,6 +1057,7 @@ def _register_atexit() -> None:
         if not _atexit_registered:
             atexit.register(_close_all)
             _atexit_registered = True
+        _close_at_multiprocessing_exit()
 
 
 _default: Ledger | None = None

@@ -55,6 +55,8 @@ _HEADER = struct.Struct("<I")
 REPORT_EVERY = 0.25
 """Seconds between reports of progress nobody waits for (see ``_ChildLedger.confirm``)."""
 Message = tuple[Any, ...]
+_abandoned: list[WriterProcess] = []
+"""A forked child's copies of its parent's writer process handle."""
 
 
 # -- frames ----------------------------------------------------------------------------------
@@ -216,6 +218,21 @@ class WriterProcess:
             self._channels.pop(key, None)
             channel._remote_lost(message[2])
 
+    def _abandon(self) -> None:
+        """In a forked child: stop using the parent's pipes, without flushing or closing the
+        file objects (their buffers may hold half a frame of the parent's): /dev/null now
+        stands behind their descriptors."""
+        self._alive = False
+        self._channels = {}
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            for stream in (self._stdin, self._stdout):
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(null, stream.fileno())
+        finally:
+            os.close(null)
+        _abandoned.append(self)  # never collected here: its Popen must not wait for the process
+
     def _lose(self, reason: str) -> None:
         with self._send_lock:
             if not self._alive:
@@ -229,6 +246,20 @@ class WriterProcess:
             channel = ref()
             if channel is not None:
                 channel._remote_lost(reason)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts its own writer process: it must not write into its parent's pipe
+    (the frames would interleave), nor keep it open (the process would not see the parent
+    exit)."""
+    WriterProcess._shared_lock = threading.Lock()  # perhaps held by a thread of the parent
+    inherited, WriterProcess._shared = WriterProcess._shared, None
+    if inherited is not None:
+        inherited._abandon()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # -- the writer process ----------------------------------------------------------------------

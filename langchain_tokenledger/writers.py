@@ -82,6 +82,10 @@ class BatchWriter(Protocol):
 
     def close(self) -> None: ...
 
+    def abandon(self) -> None:
+        """Forget the connection without closing it (in a forked child: it is the parent's)."""
+        ...
+
 
 def _stdlib_dumps() -> Callable[[Any], str]:
     """Compact JSON (non-ASCII kept, unknown objects as ``str``) from a prebuilt C encoder.
@@ -387,6 +391,10 @@ def _first_of_each(rows: list[Row]) -> list[Row]:
     return unique
 
 
+_abandoned: list[Any] = []
+"""A forked child's copies of its parent's connections: kept, so never closed here."""
+
+
 class _RawWriter:
     """Shared connection handling: one raw DBAPI connection, reopened after a failure."""
 
@@ -441,6 +449,18 @@ class _RawWriter:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+    def abandon(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        # Closing it, or the pool's reset when the proxy is collected, would speak on the
+        # parent's socket (SQLAlchemy's recipe for a fork: the record forgets its connection).
+        _abandoned.append(conn.dbapi_connection)
+        record = getattr(conn, "_connection_record", None)
+        if record is not None:
+            record.dbapi_connection = None
+        conn.dbapi_connection = None
 
 
 def _sqlite_max_variables() -> int:
@@ -643,6 +663,9 @@ class CoreWriter:
         self.execute(self.prepare(records, prices))
 
     def close(self) -> None:
+        pass
+
+    def abandon(self) -> None:
         pass
 
 

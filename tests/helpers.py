@@ -1,8 +1,12 @@
 """Helpers shared by the test modules: reading back what a ledger committed, making its table
-unreachable for a while, and the README."""
+unreachable for a while, running code in a forked child, and the README."""
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +59,23 @@ def readme_queries() -> str:
     """The README's query section (between its ``queries:start``/``queries:end`` markers)."""
     text = README.read_text(encoding="utf-8")
     return text[text.index("<!-- queries:start") : text.index("<!-- queries:end -->")]
+
+
+def in_forked_child(body: Callable[[], int]) -> int:
+    """Run ``body`` in a forked child (which never returns into pytest); its exit code.
+
+    A failure in the child prints its traceback and exits 1.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's coverage is not collected
+        code = 1
+        try:
+            code = body()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -14,12 +16,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from helpers import hide_table, restore_table, rows_by_run_id
+from helpers import hide_table, in_forked_child, restore_table, rows_by_run_id
 
-from langchain_tokenledger import Ledger, LedgerError, UsageRecord
+from langchain_tokenledger import Ledger, LedgerError, TokenLedgerHandler, UsageRecord
 from langchain_tokenledger.records import RECORD_FIELDS
 from langchain_tokenledger.schema import SCHEMA_VERSION
 from langchain_tokenledger.store import resolve_url
+from langchain_tokenledger.testing import FakeUsageChatModel
 
 DOCUMENTED_COLUMNS = [
     "run_id", "parent_run_id", "root_run_id", "root_name", "run_name", "provider", "model",
@@ -471,3 +474,113 @@ def test_a_call_that_cannot_be_priced_is_written_unpriced_and_flagged(
         assert stored[run_id]["notes"] == ["total_mismatch", "pricing_failed"]
     assert (stored["r3"]["cost_usd"], stored["r3"]["notes"]) == (Decimal("0.5"), ["total_mismatch"])
     assert sum("pricing failed for run" in r.getMessage() for r in caplog.records) == 2
+
+
+# -- a forked child (gunicorn --preload workers, multiprocessing's fork) ----------------------
+
+
+fork_warning = pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # threads + fork
+
+
+@fork_warning
+def test_a_forked_child_writes_its_own_calls_and_leaves_its_parents_to_the_parent(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger.record(UsageRecord(run_id="before", total_tokens=1))
+    ledger.flush()  # the writer (thread, or process and ring) and its connection are open
+    ledger.record_many([UsageRecord(run_id=f"parent-{i}", total_tokens=2) for i in range(100)])
+
+    def child() -> int:
+        if ledger.pending != 0:  # the parent's records are the parent's to write
+            return 2
+        ledger.record_many([UsageRecord(run_id=f"child-{i}", total_tokens=3) for i in range(10)])
+        ledger.flush(timeout=60)
+        ledger.close()
+        return 0
+
+    with caplog.at_level(logging.WARNING, logger="langchain_tokenledger"):
+        assert in_forked_child(child) == 0
+        ledger.record_many([UsageRecord(run_id=f"after-{i}", total_tokens=5) for i in range(5)])
+        ledger.flush(timeout=60)
+
+    # The child used none of the parent's connections or pipes: the parent's writes never failed.
+    assert [r.getMessage() for r in caplog.records] == []
+    assert ledger.query("SELECT COUNT(*) AS n, SUM(total_tokens) AS s FROM llm_calls") == [
+        {"n": 1 + 100 + 10 + 5, "s": 1 + 200 + 30 + 25}
+    ]
+
+
+_release_call = threading.Event()
+
+
+class BlockingChatModel(FakeUsageChatModel):
+    """A chat model whose calls wait for ``_release_call``."""
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        assert _release_call.wait(60)
+        return super()._generate(*args, **kwargs)
+
+
+@fork_warning
+def test_a_call_in_flight_when_the_process_forks_is_recorded_once_by_the_parent(
+    sqlite_ledger: Ledger,
+) -> None:
+    handler = TokenLedgerHandler(sqlite_ledger)
+    _release_call.clear()
+    call = threading.Thread(
+        target=BlockingChatModel().invoke, args=("hi",), kwargs={"config": {"callbacks": [handler]}}
+    )
+    call.start()
+    while handler.in_flight == 0:
+        time.sleep(0.001)
+
+    def child() -> int:
+        in_flight = handler.in_flight  # 0: the call in the parent's other thread is not ours
+        sqlite_ledger.close()  # which writes the calls still in flight, as cancelled
+        return in_flight
+
+    assert in_forked_child(child) == 0
+    _release_call.set()
+    call.join()
+    handler.flush()
+
+    assert sqlite_ledger.query("SELECT status, total_tokens, notes FROM llm_calls") == [
+        {"status": "ok", "total_tokens": 30, "notes": "[]"}
+    ]
+
+
+def _record_calls_without_flushing(ledger: Ledger | str, calls: int) -> None:
+    handler = TokenLedgerHandler(ledger if isinstance(ledger, Ledger) else Ledger(ledger))
+    for _ in range(calls):
+        FakeUsageChatModel().invoke("hi", config={"callbacks": [handler]})
+
+
+@fork_warning
+@pytest.mark.parametrize("opened", ["before the fork", "in the child"])
+def test_a_multiprocessing_child_s_calls_are_written_when_it_exits(
+    tmp_path: Path, opened: str
+) -> None:
+    """Its processes end with ``os._exit``, which skips ``atexit``: the ledger closes anyway."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    parent = Ledger(url)
+    parent.record(UsageRecord(run_id="parent", total_tokens=1))
+    parent.flush()
+    target = _record_calls_without_flushing
+    args: tuple[Any, ...] = (parent, 7) if opened == "before the fork" else (url, 7)
+    process = multiprocessing.get_context("fork").Process(target=target, args=args)
+    process.start()
+    process.join(120)
+
+    assert process.exitcode == 0
+    assert parent.query("SELECT COUNT(*) AS n, SUM(total_tokens) AS s FROM llm_calls") == [
+        {"n": 1 + 7, "s": 1 + 7 * 30}
+    ]
+    parent.close()
+
+
+def test_a_ledger_that_is_only_read_starts_no_threads(tmp_path: Path) -> None:
+    before = {t.name for t in threading.enumerate()}, threading.active_count()
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    assert ledger.query("SELECT COUNT(*) AS n FROM llm_calls") == [{"n": 0}]
+    assert ({t.name for t in threading.enumerate()}, threading.active_count()) == before
+    ledger.close()
