@@ -7,6 +7,7 @@ reference conversions, value by value and type by type.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import marshal
 import math
 import random
@@ -36,6 +37,7 @@ from langchain_tokenledger.writers import (
     _json,
     _sqlite_ts,
     to_row,
+    writer_for,
 )
 
 UTC = timezone.utc
@@ -360,3 +362,35 @@ def test_postgres_a_refused_row_fails_the_batch(backend_url: str) -> None:
     finally:
         writer.close()
         writer.engine.dispose()
+
+
+# -- After a fork: the child abandons its copy of the parent's connection ---------------------
+
+
+def test_an_abandoned_connection_is_left_as_the_parent_holds_it(backend_url: str) -> None:
+    """Neither closed, nor reset, nor rolled back: it is the parent's, mid-transaction maybe.
+
+    A forked child shares its parent's socket; a rollback sent from the child would end the
+    parent's transaction under it.
+    """
+    engine = _create_engine(sa.make_url(backend_url), {})
+    create_schema(engine)
+    writer = writer_for(engine)
+    writer.write([record(0), record(1)])
+    dbapi = writer._conn.dbapi_connection  # type: ignore[attr-defined]
+    cursor = dbapi.cursor()
+    cursor.execute("DELETE FROM llm_calls WHERE run_id = 'run-0'")  # the parent's transaction
+
+    writer.abandon()  # what the child does
+    writer.close()
+    gc.collect()
+    engine.dispose(close=False)
+
+    cursor.execute("SELECT COUNT(*) FROM llm_calls")
+    assert cursor.fetchone()[0] == 1  # the delete is still pending, uncommitted
+    dbapi.rollback()
+    cursor.execute("SELECT COUNT(*) FROM llm_calls")
+    assert cursor.fetchone()[0] == 2
+    cursor.close()
+    dbapi.close()
+    engine.dispose()
