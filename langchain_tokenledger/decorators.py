@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import types
 import weakref
@@ -225,8 +226,13 @@ class _InstanceUsages:
         with self._lock:
             return len(self._by_id)
 
+    def _after_fork(self) -> None:
+        self._lock = threading.RLock()  # a thread of the parent may have held it at the fork
+
 
 _instance_usages = _InstanceUsages()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_instance_usages._after_fork)
 
 
 class _TokenUsages:

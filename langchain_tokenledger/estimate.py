@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -43,6 +44,16 @@ REPLY_PRIMING_TOKENS = 3
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
 
 _lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
+
 _registered: dict[str, Any] = {}  # model prefix -> Encoding, from register_encoding
 _loaded: dict[str, Any] = {}  # encoding name -> Encoding, loaded through tiktoken
 _failed: set[str] = set()  # encoding names that could not be loaded

@@ -936,6 +936,15 @@ _warned_models: set[str] = set()
 _warned_lock = threading.Lock()
 
 
+def _new_lock_after_fork() -> None:
+    global _warned_lock
+    _warned_lock = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 def _warn_unknown_model(model: str, provider: str | None) -> None:
     with _warned_lock:
         if model in _warned_models:

@@ -13,13 +13,14 @@ import functools
 import gc
 import inspect
 import pickle
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, ClassVar
 from uuid import UUID, uuid4
 
 import pytest
 import wrapt
-from helpers import rows
+from helpers import in_forked_child, rows
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableLambda
@@ -630,3 +631,27 @@ def test_bad_targets_and_options_fail_at_decoration_time(sqlite_ledger: Ledger) 
         tracked(tags="nightly")
     with pytest.raises(TypeError, match=r"Plain.size is not a method \(property\)"):
         tracked(methods=["size"])(Plain)
+
+
+@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # a multi-threaded process
+def test_a_forked_child_gets_a_free_instance_registry_even_if_a_parent_thread_held_it() -> None:
+    """The thread holding the registry's lock at the fork does not exist in the child."""
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _instance_usages._lock:
+            held.set()
+            done.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    try:
+
+        def child() -> int:
+            return 0 if _instance_usages._lock.acquire(timeout=10) else 3
+
+        assert in_forked_child(child) == 0
+    finally:
+        done.set()
+        holder.join()

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 import pytest
+from helpers import in_forked_child
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from langchain_tokenledger import estimate
@@ -132,3 +133,14 @@ def test_offline_another_encoding_is_tried_once_on_its_own(offline_tiktoken: Any
 def test_a_registered_encoding_works_offline(offline_tiktoken: Any, byte_encoding: Any) -> None:
     assert estimate.estimate_tokens("gpt-4o-mini", "hello") == 5
     assert offline_tiktoken.connections == 0
+
+
+@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # pytest's threads
+def test_a_forked_child_gets_a_free_lock_even_if_the_parent_held_it() -> None:
+    """A thread of the parent holding the lock at the fork would deadlock the child's estimates."""
+    with estimate._lock:
+
+        def child() -> int:
+            return 0 if estimate._lock.acquire(timeout=10) else 3
+
+        assert in_forked_child(child) == 0

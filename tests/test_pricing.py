@@ -26,7 +26,9 @@ from genai_prices.types import (
     Provider,
     StartDateConstraint,
 )
+from helpers import in_forked_child
 
+from langchain_tokenledger import pricing
 from langchain_tokenledger.pricing import (
     PriceOverride,
     Pricer,
@@ -761,3 +763,14 @@ def test_thread_safety_smoke() -> None:
         t.join()
     assert not errors
     assert sums == [expected] * 8
+
+
+@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # pytest's threads
+def test_a_forked_child_gets_a_free_warning_lock_even_if_the_parent_held_it() -> None:
+    """A thread of the parent holding the lock at the fork would deadlock the child's pricing."""
+    with pricing._warned_lock:
+
+        def child() -> int:
+            return 0 if pricing._warned_lock.acquire(timeout=10) else 3
+
+        assert in_forked_child(child) == 0
