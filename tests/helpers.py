@@ -79,3 +79,12 @@ def in_forked_child(body: Callable[[], int]) -> int:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def lock_is_free_in_forked_child(lock: Callable[[], Any]) -> bool:
+    """Whether a forked child can take the lock that ``lock()`` returns there (within 10 s).
+
+    ``lock`` is called in the child, after the fork hooks have run, so a module global that a
+    hook re-creates is read as the child sees it.
+    """
+    return in_forked_child(lambda: 0 if lock().acquire(timeout=10) else 3) == 0

@@ -20,7 +20,7 @@ from uuid import UUID, uuid4
 
 import pytest
 import wrapt
-from helpers import in_forked_child, rows
+from helpers import lock_is_free_in_forked_child, rows
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableLambda
@@ -647,11 +647,7 @@ def test_a_forked_child_gets_a_free_instance_registry_even_if_a_parent_thread_he
     holder.start()
     held.wait()
     try:
-
-        def child() -> int:
-            return 0 if _instance_usages._lock.acquire(timeout=10) else 3
-
-        assert in_forked_child(child) == 0
+        assert lock_is_free_in_forked_child(lambda: _instance_usages._lock)
     finally:
         done.set()
         holder.join()

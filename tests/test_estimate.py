@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 import pytest
-from helpers import in_forked_child
+from helpers import lock_is_free_in_forked_child
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from langchain_tokenledger import estimate
@@ -139,8 +139,4 @@ def test_a_registered_encoding_works_offline(offline_tiktoken: Any, byte_encodin
 def test_a_forked_child_gets_a_free_lock_even_if_the_parent_held_it() -> None:
     """A thread of the parent holding the lock at the fork would deadlock the child's estimates."""
     with estimate._lock:
-
-        def child() -> int:
-            return 0 if estimate._lock.acquire(timeout=10) else 3
-
-        assert in_forked_child(child) == 0
+        assert lock_is_free_in_forked_child(lambda: estimate._lock)

@@ -26,7 +26,7 @@ from genai_prices.types import (
     Provider,
     StartDateConstraint,
 )
-from helpers import in_forked_child
+from helpers import lock_is_free_in_forked_child
 
 from langchain_tokenledger import pricing
 from langchain_tokenledger.pricing import (
@@ -769,8 +769,4 @@ def test_thread_safety_smoke() -> None:
 def test_a_forked_child_gets_a_free_warning_lock_even_if_the_parent_held_it() -> None:
     """A thread of the parent holding the lock at the fork would deadlock the child's pricing."""
     with pricing._warned_lock:
-
-        def child() -> int:
-            return 0 if pricing._warned_lock.acquire(timeout=10) else 3
-
-        assert in_forked_child(child) == 0
+        assert lock_is_free_in_forked_child(lambda: pricing._warned_lock)
