@@ -229,9 +229,9 @@ class _ScopeHandler(TokenLedgerHandler):
         self._nested = scope.parent is not None
         self._packs = True  # calls that end normally reach the scope through _deliver
 
-    def _deliver(self, run_key: str, packed: bytes) -> None:
-        super()._deliver(run_key, packed)
-        self.scope.record_packed(run_key, packed)
+    def _deliver(self, run: _LLMRun, packed: bytes) -> None:
+        super()._deliver(run, packed)
+        self.scope.record_packed(run.text_id(), packed)
 
     def _outer_node(self, run_id: UUID) -> _Node | None:
         # A block entered inside a running chain has not seen the chain start: borrow the
@@ -244,7 +244,7 @@ class _ScopeHandler(TokenLedgerHandler):
             outer = scope.handler
             if key in outer._llm_runs:
                 with outer._lock:
-                    outer._deferred.add(run.key)
+                    outer._deferred.add(run.text_id())
             scope = scope.parent
 
 

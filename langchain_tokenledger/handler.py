@@ -1,9 +1,10 @@
 """``TokenLedgerHandler``: LangChain callback events -> one :class:`UsageRecord` per LLM call.
 
 The handler follows the run tree so that every LLM row knows its parent, its root and the root's
-name. It does no I/O: a finished call's record is packed into bytes
-(:mod:`~langchain_tokenledger.packing`) and queued, and the ledger's writer unpacks, prices and
-writes it. Per-run state is dropped when a run ends (and evicted, with a row, when a run never
+name. It does no I/O: a finished call is packed into bytes (:mod:`~langchain_tokenledger.packing`)
+and queued, and the ledger's writer unpacks, prices and writes it. The usual call (one choice,
+one usage report, status ``ok``) is packed as LangChain reported it, and the writer normalizes
+it: the callback path only reads the usage and copies it. Per-run state is dropped when a run ends (and evicted, with a row, when a run never
 ends), so memory stays flat.
 """
 
@@ -25,8 +26,15 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, GenerationChunk, LLMResult
 
 from . import usage as _usage
-from .packing import pack_values, record_from_values
-from .records import RECORD_FIELDS, Status, UsageRecord
+from .packing import (
+    LANGCHAIN_META,
+    call_values,
+    id_text,
+    pack_parts,
+    pack_values,
+    record_from_values,
+)
+from .records import Status, UsageRecord
 
 if TYPE_CHECKING:
     from .store import Ledger
@@ -35,27 +43,6 @@ logger = logging.getLogger("langchain_tokenledger")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-SESSION_KEYS = ("session_id", "thread_id", "conversation_id")
-"""Metadata keys that fill the ``session_id`` column, first found wins."""
-
-_INTERNAL_META = ("ls_", "lc_")
-"""Metadata LangChain adds itself (``ls_provider``, ``lc_versions``): it has its own columns."""
-_LANGCHAIN_META = frozenset(
-    {
-        "lc_versions",
-        "ls_integration",
-        "ls_max_tokens",
-        "ls_model_name",
-        "ls_model_type",
-        "ls_provider",
-        "ls_stop",
-        "ls_structured_output_format",
-        "ls_temperature",
-    }
-)
-"""The usual internal keys: a run's metadata with no other key needs no filtering."""
-assert all(key.startswith(_INTERNAL_META) for key in _LANGCHAIN_META)
-_INTERNAL_TAG = "seq:step:"
 _NO_METADATA: Mapping[str, Any] = {}
 
 _CANCELLED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
@@ -64,10 +51,7 @@ _UTC = timezone.utc
 
 def _uuid_text(run_id: UUID) -> str:
     """``str(run_id)`` in about half the time (``UUID.__str__`` is pure Python)."""
-    if type(run_id) is not UUID:
-        return str(run_id)
-    h = run_id.int.to_bytes(16, "big").hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return id_text(run_id.int) if type(run_id) is UUID else str(run_id)
 
 
 def strict_mode() -> bool:
@@ -101,11 +85,11 @@ class _Node:
 
     __slots__ = ("ancestry", "key", "name", "parent", "root", "root_name", "started")
 
-    root: str
+    root: str | None  # None: this run is the root, and its id not converted yet (an LLM call)
     root_name: str | None
     ancestry: str
     parent: str | None  # the parent run's id as text
-    key: str | None  # this run's id as text, once someone needed it (always, for an LLM call)
+    key: str | None  # this run's id as text, once someone needed it
 
     def __init__(self, name: str | None, started: float) -> None:
         self.name = name
@@ -119,6 +103,7 @@ class _LLMRun(_Node):
         "batch_size",
         "chunk_usages",
         "first_token",
+        "id",
         "messages",
         "metadata",
         "model_hint",
@@ -128,10 +113,9 @@ class _LLMRun(_Node):
         "tags",
     )
 
-    key: str  # set by _start_llm
-
     def __init__(
         self,
+        run_id: int,
         name: str | None,
         started: float,
         started_wall: float,
@@ -143,6 +127,7 @@ class _LLMRun(_Node):
         messages: Sequence[BaseMessage] | None,
         prompts: Sequence[str] | None,
     ) -> None:
+        self.id = run_id  # as an int: most calls' ids are converted to text by the writer
         self.name = name
         self.started = started
         self.started_wall = started_wall
@@ -155,6 +140,15 @@ class _LLMRun(_Node):
         self.prompts = prompts
         self.chunk_usages: list[Mapping[str, Any]] | None = None
         self.first_token: float | None = None
+
+    def text_id(self) -> str:
+        """The call's run id as text (and its root's, if it is the root)."""
+        key = self.key
+        if key is None:
+            key = self.key = id_text(self.id)
+            if self.root is None:
+                self.root = key
+        return key
 
 
 def _run_name(serialized: Mapping[str, Any] | None, name: Any) -> str | None:
@@ -277,15 +271,20 @@ class TokenLedgerHandler(BaseCallbackHandler):
 
     # -- run tree ------------------------------------------------------------------------
 
-    def _enter(self, run_id: UUID, parent_run_id: UUID | None, node: _Node) -> None:
-        """Place ``node`` in the run tree and remember it (the caller holds the lock)."""
+    def _enter(
+        self, run_id: UUID, parent_run_id: UUID | None, node: _Node, *, lazy: bool = False
+    ) -> None:
+        """Place ``node`` in the run tree and remember it (the caller holds the lock).
+
+        ``lazy``: leave the run's own id unconverted (``key`` and, for a root, ``root`` None):
+        an LLM call's packed row carries it as an int (see :meth:`_LLMRun.text_id`)."""
         parent = None
         if parent_run_id is not None:
             parent = self._nodes.get(parent_run_id.int)
             if parent is None and self._nested:
                 parent = self._outer_node(parent_run_id)
         if parent is None:  # a root, or a run whose parent started before this handler saw it
-            node.root = node.key = _uuid_text(run_id)
+            node.root = node.key = None if lazy else _uuid_text(run_id)
             node.root_name = node.name
             node.ancestry = ""
             node.parent = _uuid_text(parent_run_id) if parent_run_id is not None else None
@@ -293,7 +292,7 @@ class TokenLedgerHandler(BaseCallbackHandler):
             pid = parent.key
             if pid is None:
                 pid = parent.key = _uuid_text(parent_run_id)  # type: ignore[arg-type]  # not None
-            node.root = parent.root
+            node.root = parent.root or pid  # None: the parent is a root LLM call
             node.root_name = parent.root_name
             node.ancestry = f"{parent.ancestry}/{pid}" if parent.ancestry else pid
             node.parent = pid
@@ -405,7 +404,9 @@ class TokenLedgerHandler(BaseCallbackHandler):
         if not model_hint:
             params = invocation_params or _NO_METADATA
             model_hint = params.get("model") or params.get("model_name")
+        key = run_id.int
         run = _LLMRun(
+            key,
             _run_name(serialized, name),
             time.perf_counter(),
             time.time(),
@@ -417,11 +418,8 @@ class TokenLedgerHandler(BaseCallbackHandler):
             messages,
             prompts,
         )
-        key = run_id.int
         with self._lock:
-            self._enter(run_id, parent_run_id, run)
-            if run.key is None:
-                run.key = _uuid_text(run_id)
+            self._enter(run_id, parent_run_id, run, lazy=True)
             self._llm_runs[key] = run
             self._awaiting_token[key] = run
         if self._nested:
@@ -577,25 +575,46 @@ class TokenLedgerHandler(BaseCallbackHandler):
             # run_id, so recording it is safe either way; but we have nothing to add.
             logger.debug("end event for unknown LLM run %s ignored", run_id)
             return
-        if self._deferred and self._take_deferred(run.key):
+        if self._deferred and self._take_deferred(run.text_id()):
             return  # a nested handler writes this call
         # The usage is read now: the response's messages are the application's (an LLM cache,
         # for one, rewrites the cached message's usage on its next hit).
-        usage = self._usage_of(run, status, response)
         if not self._packs:
+            usage = self._usage_of(run, status, response)
             self._emit(record_from_values(self._values(run, usage, status, error, ended)))
             return
         try:
-            packed = pack_values(self._values(run, usage, status, error, ended))
+            packed = self._pack(run, status, response, error, ended)
         except Exception:  # a bug: log it, and still write the call
             logger.exception("langchain-tokenledger: packing a call failed; written as unknown")
             self._emit(self._fallback(run, status))
             if self.raise_error:
                 raise
             return
-        self._deliver(run.key, packed)
+        self._deliver(run, packed)
 
-    def _deliver(self, run_key: str, packed: bytes) -> None:
+    def _pack(
+        self,
+        run: _LLMRun,
+        status: Status,
+        response: LLMResult | None,
+        error: BaseException | None,
+        ended: float,
+    ) -> bytes:
+        """The finished call packed: the usual one as reported, for the writer to normalize
+        (about half of a record's cost, off the callback path); others as their values."""
+        if status == "ok":
+            usual = _usage.usual_call_usage(response, run.chunk_usages or ())
+            if usual is not None:
+                reported, model = usual
+                parts = self._parts(run, model or run.model_hint, status, None, reported, (), ended)
+                packed = pack_parts(parts)
+                if packed is not None:
+                    return packed
+        usage = self._usage_of(run, status, response)
+        return pack_values(self._values(run, usage, status, error, ended))
+
+    def _deliver(self, run: _LLMRun, packed: bytes) -> None:
         """Hand a finished call, packed, to the ledger."""
         self._record_packed(packed)  # type: ignore[misc]  # not None: see _finish
 
@@ -611,7 +630,7 @@ class TokenLedgerHandler(BaseCallbackHandler):
     def _fallback(run: _LLMRun, status: Status) -> UsageRecord:
         """What is written for a call whose record cannot be built: never no row."""
         return UsageRecord(
-            run_id=run.key,
+            run_id=run.text_id(),
             parent_run_id=run.parent,
             root_run_id=run.root,
             root_name=run.root_name,
@@ -647,72 +666,51 @@ class TokenLedgerHandler(BaseCallbackHandler):
         extra_notes: Sequence[str] = (),
     ) -> list[Any]:
         """The call's record as packed field values (:mod:`~langchain_tokenledger.packing`)."""
-        notes = u.notes  # u is ours alone
+        notes: Sequence[str] = ()
         if error is not None or extra_notes:
             notes = list(extra_notes)
             status_code = getattr(error, "status_code", None)
             if isinstance(status_code, int):
                 notes.append(f"http_status:{status_code}")
-            notes.extend(u.notes)
-        run_meta = run.metadata
-        if _LANGCHAIN_META.issuperset(run_meta):
-            metadata = self.metadata.copy()
-        else:
-            metadata = {
-                key: value for key, value in run_meta.items() if not key.startswith(_INTERNAL_META)
-            }
-            if self.metadata:
-                metadata = {**self.metadata, **metadata}
-        tags = list(self.tags)
-        if run.tags:
-            for tag in run.tags:
-                if tag not in tags and not tag.startswith(_INTERNAL_TAG):
-                    tags.append(tag)
-        session_id = user_id = None
-        if metadata:
-            for key in SESSION_KEYS:
-                if metadata.get(key) is not None:
-                    session_id = str(metadata[key])
-                    break
-            user = metadata.get("user_id")
-            if user is not None:
-                user_id = str(user)
-        elapsed = ended - run.started
+        error_type = type(error).__name__ if error is not None else None
+        return call_values(self._parts(run, u.model, status, error_type, None, notes, ended), u)
+
+    def _parts(
+        self,
+        run: _LLMRun,
+        model: str | None,
+        status: Status,
+        error_type: str | None,
+        reported: Mapping[str, Any] | None,
+        notes: Sequence[str],
+        ended: float,
+    ) -> tuple[Any, ...]:
+        """The call as :data:`~langchain_tokenledger.packing.PARTS`."""
         first_token = run.first_token
-        # In the order _RECORD_ORDER checks.
-        return [
-            run.key,  # run_id
-            run.parent,  # parent_run_id
-            run.root,  # root_run_id
+        run_metadata: Mapping[str, Any] | None = run.metadata
+        if LANGCHAIN_META.issuperset(run_metadata):  # type: ignore[arg-type]  # a Mapping
+            run_metadata = None  # only LangChain's own keys (the usual case): nothing to pack
+        return (
+            run.key if run.key is not None else run.id,
+            run.parent,
+            run.root,
             run.root_name,
-            run.name,  # run_name
+            run.name,
             run.provider,
-            u.model,
+            model,
             status,
-            type(error).__name__ if error is not None else None,  # error_type
-            u.input_tokens,
-            u.output_tokens,
-            u.total_tokens,
-            u.cache_read_tokens,
-            u.cache_creation_tokens,
-            u.reasoning_tokens,
-            None,  # cost_usd: priced by the ledger's writer
-            None,  # price_source
-            u.cache_hit,
-            u.source,  # usage_source
-            u.details,  # usage_details
-            first_token is not None,  # streamed
-            run.started_wall,  # started_at, as a POSIX timestamp
-            run.started_wall + elapsed,  # ended_at
-            elapsed * 1000.0,  # latency_ms
-            (first_token - run.started) * 1000.0 if first_token is not None else None,  # ttft_ms
-            user_id,
-            session_id,
-            tags,
-            metadata,
+            error_type,
+            reported,
             notes,
+            run.started_wall,
+            ended - run.started,
+            first_token - run.started if first_token is not None else None,
+            self.tags,
+            run.tags,
+            self.metadata,
+            run_metadata,
             run.ancestry,
-        ]
+        )
 
     def _emit(self, record: UsageRecord) -> None:
         if self._deferred and self._take_deferred(record.run_id):
@@ -786,40 +784,3 @@ class TokenLedgerHandler(BaseCallbackHandler):
             values = self._values(run, usage, "cancelled", None, now, (note,))
             self._emit(record_from_values(values))
         return len(runs)
-
-
-# The fields in the order TokenLedgerHandler._values lists them.
-_RECORD_ORDER = (
-    "run_id",
-    "parent_run_id",
-    "root_run_id",
-    "root_name",
-    "run_name",
-    "provider",
-    "model",
-    "status",
-    "error_type",
-    "input_tokens",
-    "output_tokens",
-    "total_tokens",
-    "cache_read_tokens",
-    "cache_creation_tokens",
-    "reasoning_tokens",
-    "cost_usd",
-    "price_source",
-    "cache_hit",
-    "usage_source",
-    "usage_details",
-    "streamed",
-    "started_at",
-    "ended_at",
-    "latency_ms",
-    "ttft_ms",
-    "user_id",
-    "session_id",
-    "tags",
-    "metadata",
-    "notes",
-    "ancestry",
-)
-assert RECORD_FIELDS == _RECORD_ORDER, "update TokenLedgerHandler._values"

@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
-from .packing import pack_record, unpack_record, unpack_records
+from .packing import pack_record, unpack_record, unpack_records, unpack_values
 from .records import RECORD_FIELDS, UsageRecord, record_values
 from .schema import create_schema
 from .usage import usage_to_price
@@ -617,10 +617,9 @@ class Ledger:
         CPU per row)."""
         prices: list[Price] = []
         rows: list[Row] | Exception = []
-        loads = marshal.loads
         for start in range(0, len(items), _SLICE):
             part: list[Sequence[Any]] = [
-                loads(item) if isinstance(item, bytes) else record_values(item)
+                unpack_values(item) if isinstance(item, bytes) else record_values(item)
                 for item in items[start : start + _SLICE]
             ]
             part_prices = self._price(part)

@@ -136,7 +136,9 @@ def _detail_sum(details: Any, key: str, notes: list[str]) -> int | None:
 # -- one usage report --------------------------------------------------------------------------
 
 
-def from_usage_metadata(usage: Mapping[str, Any], *, source: UsageSource = "provider") -> Usage:
+def from_usage_metadata(
+    usage: Mapping[str, Any], *, source: UsageSource = "provider", owned: bool = False
+) -> Usage:
     """Normalize a LangChain ``UsageMetadata`` dict (what chat models put on ``AIMessage``).
 
     Rules:
@@ -152,6 +154,9 @@ def from_usage_metadata(usage: Mapping[str, Any], *, source: UsageSource = "prov
     * parts larger than their whole (cache reads + writes > input, reasoning > output) are kept
       and flagged ``cache_exceeds_input`` / ``reasoning_exceeds_output``.
 
+    ``details`` is a copy of ``usage``, unless ``owned`` says nobody else holds it (the writer's
+    freshly unpacked usage): then a plain one is kept as it is.
+
     Example:
         >>> u = from_usage_metadata({"input_tokens": 10, "output_tokens": 7, "total_tokens": 17,
         ...     "input_token_details": {"priority_cache_read": 4, "priority": 6},
@@ -160,7 +165,7 @@ def from_usage_metadata(usage: Mapping[str, Any], *, source: UsageSource = "prov
         (4, 3, [])
     """
     if source == "provider" and type(usage) is dict:
-        fast = _plain_int_usage(usage)
+        fast = _plain_int_usage(usage, copy=not owned)
         if fast is not None:
             return fast
     notes: list[str] = []
@@ -193,14 +198,14 @@ def from_usage_metadata(usage: Mapping[str, Any], *, source: UsageSource = "prov
     )
 
 
-def _plain_int_usage(usage: dict[str, Any]) -> Usage | None:
+def _plain_int_usage(usage: dict[str, Any], *, copy: bool = True) -> Usage | None:
     """:func:`from_usage_metadata` for the usual shape in 60% of the time; ``None`` for others.
 
     The usual shape: a dict with str keys whose values are ints >= 0 or dicts of them
     (``input_token_details``...), with input and output counts. No count is then coerced or
     dropped, so only the ``total_mismatch`` and ``*_exceeds_*`` notes can apply.
     """
-    details = usage.copy()
+    details = usage.copy() if copy else usage
     for key, value in usage.items():
         kind = type(value)
         if kind is int:
@@ -212,7 +217,8 @@ def _plain_int_usage(usage: dict[str, Any]) -> Usage | None:
             for k, v in value.items():
                 if type(v) is not int or v < 0 or type(k) is not str:
                     return None
-            details[key] = value.copy()
+            if copy:
+                details[key] = value.copy()
         else:
             return None
     inp = usage.get("input_tokens")
@@ -540,17 +546,27 @@ def from_llm_result(
     return usage
 
 
-def _one_choice_usage(
-    result: LLMResult | None, streamed: Mapping[str, Any] | None = None
-) -> Usage | None:
-    """:func:`from_llm_result` for the usual call, or ``None`` for others.
+def usual_call_usage(
+    result: LLMResult | None, chunk_usages: Sequence[Mapping[str, Any]] = ()
+) -> tuple[dict[str, Any], str | None] | None:
+    """The usage as reported and the model the response named, for the usual call; else ``None``.
 
     The usual call: one chat choice, no LLM-cache replay (``total_cost`` absent from the
-    message's usage), and a usage of the shape :func:`_plain_int_usage` takes: the message's
-    ``usage_metadata``, or ``streamed``, the one usage report of a stream's chunks (which
-    :func:`stream_usage` would take as it is).
+    message's usage), and one usage report, a non-empty ``dict``: the message's
+    ``usage_metadata``, or the one usage a stream's chunks carried (which :func:`stream_usage`
+    would take as it is). Its usage is then :func:`from_usage_metadata` of the report, as
+    :func:`from_llm_result` would find it; the handler packs such a call's report as it is, and
+    the ledger's writer normalizes it (:func:`~langchain_tokenledger.packing.unpack_values`).
+
+    Example:
+        >>> from langchain_core.messages import AIMessage
+        >>> from langchain_core.outputs import ChatGeneration, LLMResult
+        >>> message = AIMessage("hi", usage_metadata={"input_tokens": 9, "output_tokens": 6,
+        ...     "total_tokens": 15}, response_metadata={"model_name": "gpt-4o-mini"})
+        >>> usual_call_usage(LLMResult(generations=[[ChatGeneration(message=message)]]))
+        ({'input_tokens': 9, 'output_tokens': 6, 'total_tokens': 15}, 'gpt-4o-mini')
     """
-    if result is None:
+    if result is None or len(chunk_usages) > 1:
         return None
     generations = result.generations
     if not generations or len(generations[0]) != 1:
@@ -564,11 +580,8 @@ def _one_choice_usage(
         type(message_usage) is not dict or "total_cost" in message_usage
     ):
         return None
-    reported = message_usage if streamed is None else streamed
-    if type(reported) is not dict:
-        return None
-    usage = _plain_int_usage(reported)
-    if usage is None:
+    reported = chunk_usages[0] if chunk_usages else message_usage
+    if not reported or type(reported) is not dict:
         return None
     meta = message.response_metadata
     name = (meta.get("model_name") or meta.get("model")) if meta else None
@@ -576,9 +589,9 @@ def _one_choice_usage(
         llm_output = result.llm_output
         if llm_output:
             name = llm_output.get("model_name") or llm_output.get("model")
-    if name:
-        usage.model = name if type(name) is str else str(name)
-    return usage
+    if not name:
+        return reported, None
+    return reported, name if type(name) is str else str(name)
 
 
 def usage_for_call(
@@ -611,12 +624,12 @@ def usage_for_call(
         >>> u.model, u.source, u.input_tokens, u.notes
         ('gpt-4o-mini', 'none', None, ['usage_unknown'])
     """
-    if not chunk_usages:
-        usage = _one_choice_usage(result)
-    elif len(chunk_usages) == 1:  # a stream that reported its usage once (OpenAI's last chunk)
-        usage = _one_choice_usage(result, chunk_usages[0])
-    else:
-        usage = None
+    usage = None
+    usual = usual_call_usage(result, chunk_usages)
+    if usual is not None:
+        usage = _plain_int_usage(usual[0])
+        if usage is not None:
+            usage.model = usual[1]
     if usage is None:
         # Only completion-style calls (prompts, no messages) share one request across a batch.
         shared = batch_size if messages is None else 1

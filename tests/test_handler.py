@@ -342,7 +342,7 @@ def test_in_strict_mode_a_handler_fault_is_raised(
 class _BrokenValuesHandler(TokenLedgerHandler):
     """A handler with a bug in building a finished call's record."""
 
-    def _values(self, *args: Any, **kwargs: Any) -> list[Any]:
+    def _parts(self, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         raise RuntimeError("boom")
 
 

@@ -6,15 +6,24 @@ application); the writer unpacks them. Both must give the row the record path gi
 
 from __future__ import annotations
 
+import logging
+import marshal
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 import pytest
 from langchain_core.runnables import RunnableConfig, RunnableLambda
 
 from langchain_tokenledger import TokenLedgerHandler, UsageRecord
-from langchain_tokenledger.packing import pack_record, pack_values, unpack_record
+from langchain_tokenledger.packing import (
+    PARTS,
+    pack_parts,
+    pack_record,
+    pack_values,
+    unpack_record,
+)
 from langchain_tokenledger.records import RECORD_FIELDS, record_values
 from langchain_tokenledger.testing import FakeUsageChatModel
 
@@ -157,3 +166,55 @@ def test_values_marshal_refuses_are_packed_as_the_json_their_row_holds() -> None
     back = unpack_record(pack_values(values))
     assert back.metadata == {"who": "unprintable!"}
     assert back.tags == ["a", "unprintable!"]
+
+
+def test_the_usual_call_travels_as_reported_and_the_writer_normalizes_it() -> None:
+    sink = Packed()
+    handler = TokenLedgerHandler(sink)
+    model = FakeUsageChatModel(cached_tokens=4, reasoning_tokens=3)
+
+    model.invoke("hi", {"callbacks": [handler], "metadata": {"user_id": "u1"}})
+    with pytest.raises(RuntimeError, match="provider down"):
+        FailingModel().invoke("hi", {"callbacks": [handler]})
+
+    ok, failed = (marshal.loads(p) for p in sink.packed)
+    # The call that succeeded travels as its parts: the usage as the model reported it, the
+    # run id as an int; the failed one as its values.
+    assert type(ok) is tuple and type(failed) is list
+    part = dict(zip(PARTS, ok, strict=True))
+    assert part["reported_usage"] == {
+        "input_tokens": 10,
+        "output_tokens": 20,
+        "total_tokens": 30,
+        "input_token_details": {"cache_read": 4},
+        "output_token_details": {"reasoning": 3},
+    }
+    assert type(part["run_id"]) is int and part["root_run_id"] is None
+    row = unpack_record(sink.packed[0])
+    assert row.run_id == row.root_run_id == str(UUID(int=part["run_id"]))
+    assert (row.input_tokens, row.cache_read_tokens, row.reasoning_tokens) == (10, 4, 3)
+    assert (row.user_id, row.metadata, row.notes) == ("u1", {"user_id": "u1"}, [])
+
+
+def test_parts_the_writer_cannot_complete_still_give_their_row(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    run_id = UUID("01a2492b-346c-72f6-8d10-e506e9029a85")
+    reported = {"input_tokens": 9, "output_tokens": 6}
+    broken = (run_id.int, None, None, None, "chat", "openai", "gpt-4o-mini", "ok", None,
+              reported, (), 1.5, 0.25, None, (), None, {}, "not a mapping", "")  # fmt: skip
+    packed = pack_parts(broken)
+    assert packed is not None
+
+    with caplog.at_level(logging.ERROR, logger="langchain_tokenledger"):
+        row = unpack_record(packed)
+
+    assert (row.run_id, row.root_run_id) == (str(run_id), str(run_id))
+    assert (row.model, row.status, row.usage_source, row.total_tokens) == (
+        "gpt-4o-mini",
+        "ok",
+        "none",
+        None,
+    )
+    assert row.usage_details == reported and row.notes == ["record_build_failed"]
+    assert f"completing call {run_id.int} failed" in caplog.text

@@ -14,7 +14,7 @@ import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, Generation, LLMResult
 
-from langchain_tokenledger import usage
+from langchain_tokenledger import packing, usage
 from langchain_tokenledger.records import UsageRecord
 
 OPENAI_USAGE = {
@@ -301,14 +301,24 @@ STREAM_REPORTS: list[Any] = [
 ]
 
 
+def _parts(model: str | None, reported: dict[str, Any] | None) -> tuple[Any, ...]:
+    """A finished call's parts (packing.PARTS), all but its model and usage fixed."""
+    meta = {"ls_provider": "openai", "user_id": "u1"}
+    return ("r1", None, "r1", None, "chat", "openai", model, "ok", None, reported, (), 0.5, 0.25,
+            0.1, ("team-a",), ["x"], {}, meta, "")  # fmt: skip
+
+
 @pytest.mark.parametrize("report", STREAM_REPORTS)
 @pytest.mark.parametrize("merged_usage", ["same", "none", "cache_hit"])
 @pytest.mark.parametrize("model_in", ["message", "llm_output", "nowhere"])
-def test_a_stream_reporting_once_is_read_as_the_general_rules_read_it(
-    report: dict[str, Any], merged_usage: str, model_in: str
+@pytest.mark.parametrize("via", ["stream", "message"])
+def test_a_usual_call_packed_as_reported_gets_the_row_the_general_rules_give(
+    report: dict[str, Any], merged_usage: str, model_in: str, via: str
 ) -> None:
-    # The handler's fast path for a stream with one usage report (OpenAI's final chunk) must
-    # give exactly what from_llm_result gives, and stand aside where it cannot.
+    # The handler packs the usual call's usage as reported (one choice, one report: a message's
+    # usage_metadata or a stream's one usage chunk, OpenAI's last) and the writer normalizes it.
+    # The row must be exactly the one the general rules (usage_for_call) give, and the usual
+    # path must stand aside where it cannot give it (an LLM-cache replay, nothing reported).
     message_usage = {
         "same": report,
         "none": None,
@@ -321,16 +331,26 @@ def test_a_stream_reporting_once_is_read_as_the_general_rules_read_it(
         generations=[[ChatGenerationChunk(message=merged)]],
         llm_output={"model_name": "gpt-4o"} if model_in == "llm_output" else None,
     )
+    chunk_usages = [report] if via == "stream" else []
 
-    fast = usage._one_choice_usage(result, report)
-    general = usage.from_llm_result(result, chunk_usages=[report])
+    usual = usage.usual_call_usage(result, chunk_usages)
+    general = usage.usage_for_call(result, chunk_usages=chunk_usages)
 
     replayed = message_usage is not None and "total_cost" in message_usage
-    plain_ints = report["output_tokens"] != "3"
-    if replayed or not plain_ints:
-        assert fast is None
+    unreported = via == "message" and message_usage is None
+    if replayed or unreported:
+        assert usual is None
     else:
-        assert fast == general
+        assert usual is not None
+        reported, model = usual
+        assert (
+            model == {"message": "gpt-4o-mini", "llm_output": "gpt-4o", "nowhere": None}[model_in]
+        )
+        packed = packing.pack_parts(_parts(model, reported))
+        assert packed is not None
+        assert packing.unpack_values(packed) == packing.call_values(
+            _parts(general.model, None), general
+        )
     assert usage.usage_for_call(result, chunk_usages=[report]) == usage.usage_for_call(
         result, chunk_usages=[report, {}]
     )
