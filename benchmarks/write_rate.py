@@ -38,7 +38,7 @@ from _bench import median, priced_copy, realistic_records, stopwatch, table
 from sqlalchemy.exc import SQLAlchemyError
 
 from langchain_tokenledger import Ledger, UsageRecord
-from langchain_tokenledger.packing import pack_parts, pack_record
+from langchain_tokenledger.packing import pack_parts, pack_record, unpack_values
 from langchain_tokenledger.pricing import Pricer
 from langchain_tokenledger.records import RECORD_FIELDS
 from langchain_tokenledger.schema import create_schema
@@ -211,11 +211,12 @@ def per_row_costs(
     """Median seconds per row of each writer-side step, measured interleaved.
 
     The steps are the writer's own: it unpacks each call the handler packed to its field
-    values, prices those and builds the row from them (``prepare_values`` on slices of 32),
-    never building a record; the insert step writes the rows of ``records``, already built,
-    into an empty SQLite ledger.
+    values (normalizing the usual call, which the handler packs as reported), prices those and
+    builds the row from them (``prepare_values`` on slices of 32), never building a record; the
+    insert step writes the rows of ``records``, already built, into an empty SQLite ledger.
     """
     packed = [pack_record(r) for r in records]
+    as_reported = [as_handler_packs(r) for r in records]
     values = [marshal.loads(p) for p in packed]
     priced = [marshal.loads(pack_record(priced_copy(r))) for r in records]
     memo_warm = Pricer()
@@ -244,6 +245,9 @@ def per_row_costs(
 
     steps: dict[str, Callable[[], Callable[[], object]]] = {
         "unpacking (`marshal.loads`)": lambda: lambda: [marshal.loads(p) for p in packed],
+        "unpacking a call packed as reported, normalizing it (`unpack_values`)": lambda: (
+            lambda: [unpack_values(p) for p in as_reported]
+        ),
         # A fresh Pricer per round: realistic token counts rarely repeat, so the writer mostly
         # misses the pricer's result memo (its rate-card cache stays warm after the first call).
         "pricing (`price_values`), new token counts": lambda: functools.partial(
