@@ -4,8 +4,8 @@ The handler follows the run tree so that every LLM row knows its parent, its roo
 name. It does no I/O: a finished call is packed into bytes (:mod:`~langchain_tokenledger.packing`)
 and queued, and the ledger's writer unpacks, prices and writes it. The usual call (one choice,
 one usage report, status ``ok``) is packed as LangChain reported it, and the writer normalizes
-it: the callback path only reads the usage and copies it. Per-run state is dropped when a run ends (and evicted, with a row, when a run never
-ends), so memory stays flat.
+it: the callback path only reads the usage and copies it. Per-run state is dropped when a run
+ends (and evicted, with a row, when a run never ends), so memory stays flat.
 """
 
 from __future__ import annotations
@@ -79,8 +79,10 @@ class _Node:
     """A run the handler has seen start and not yet end.
 
     Run ids are kept as text (``root``, ``parent``, ``key``), each converted once: ``str(UUID)``
-    is costly and a call would otherwise convert the same ids again at every level. The place
-    in the tree (``root`` ... ``key``) is filled by :meth:`TokenLedgerHandler._enter`.
+    is costly and a call would otherwise convert the same ids again at every level. An LLM
+    call's own id is converted only if someone needs it in the application
+    (:meth:`_LLMRun.text_id`); otherwise the writer does it. The place in the tree (``root`` ...
+    ``key``) is filled by :meth:`TokenLedgerHandler._enter`.
     """
 
     __slots__ = ("ancestry", "key", "name", "parent", "root", "root_name", "started")
