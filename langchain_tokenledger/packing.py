@@ -222,7 +222,7 @@ def call_values(parts: Sequence[Any], usage: Usage | None = None) -> list[Any]:
         if model is None:
             usage.notes.append("no_model")
     notes = [*own_notes, *usage.notes] if own_notes else usage.notes
-    if run_metadata is None or LANGCHAIN_META.issuperset(run_metadata):
+    if run_metadata is None:  # the handler found only LangChain's own keys (LANGCHAIN_META)
         metadata = dict(handler_metadata)
     else:
         metadata = {
@@ -330,27 +330,35 @@ def id_text(run_id: int) -> str:
 
 
 def _unbuilt_values(parts: Sequence[Any]) -> list[Any]:
-    """What is written for parts :func:`call_values` could not complete: never no row."""
+    """What is written for parts :func:`call_values` could not complete: never no row (as
+    ``TokenLedgerHandler._fallback`` for a call it could not pack), with the usage as reported."""
     part = dict(zip(PARTS, parts, strict=False))
-    if type(part.get("run_id")) is int:
-        part["run_id"] = id_text(part["run_id"])
-    if part.get("root_run_id") is None:
-        part["root_run_id"] = part.get("run_id")
-    values: list[Any] = [None] * len(RECORD_FIELDS)
-    for name in ("run_id", "parent_run_id", "root_run_id", "root_name", "run_name"):
-        values[RECORD_FIELDS.index(name)] = part.get(name)
-    for name in ("provider", "model", "status", "error_type", "started_at", "ancestry"):
-        values[RECORD_FIELDS.index(name)] = part.get(name)
-    values[RECORD_FIELDS.index("cache_hit")] = False
-    values[RECORD_FIELDS.index("usage_source")] = "none"
+    run_id: Any = part.get("run_id")  # as broken as the rest may be: kept as it came
+    status: Any = part.get("status")
+    if type(run_id) is int:
+        run_id = id_text(run_id)
     reported = part.get("reported_usage")
-    values[RECORD_FIELDS.index("usage_details")] = reported if type(reported) is dict else {}
-    values[RECORD_FIELDS.index("streamed")] = part.get("first_token_after") is not None
-    values[RECORD_FIELDS.index("tags")] = []
-    values[RECORD_FIELDS.index("metadata")] = {}
-    values[RECORD_FIELDS.index("notes")] = ["record_build_failed"]
-    if values[RECORD_FIELDS.index("ancestry")] is None:
-        values[RECORD_FIELDS.index("ancestry")] = ""
+    values = list(
+        record_values(
+            UsageRecord(
+                run_id=run_id,
+                parent_run_id=part.get("parent_run_id"),
+                root_run_id=part.get("root_run_id") or run_id,
+                root_name=part.get("root_name"),
+                run_name=part.get("run_name"),
+                provider=part.get("provider"),
+                model=part.get("model"),
+                status=status,
+                error_type=part.get("error_type"),
+                usage_source="none",
+                usage_details=reported if type(reported) is dict else {},
+                streamed=part.get("first_token_after") is not None,
+                notes=["record_build_failed"],
+                ancestry=part.get("ancestry") or "",
+            )
+        )
+    )
+    values[_STARTED] = part.get("started_at")  # packed values hold it as a POSIX timestamp
     return values
 
 
