@@ -92,6 +92,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -936,9 +937,15 @@ _warned_models: set[str] = set()
 _warned_lock = threading.Lock()
 
 
+_pricers: weakref.WeakSet[Pricer] = weakref.WeakSet()
+"""Every live :class:`Pricer`: a forked child gives each a new lock."""
+
+
 def _new_lock_after_fork() -> None:
     global _warned_lock
     _warned_lock = threading.Lock()  # a thread of the parent may have held it at the fork
+    for pricer in list(_pricers):
+        pricer._reset_lock = threading.Lock()  # as _warned_lock
 
 
 if hasattr(os, "register_at_fork"):
@@ -1009,6 +1016,7 @@ class Pricer:
         self._snapshot = data_snapshot.get_snapshot()
         self._source = self._source_for(self._snapshot)
         self._reset_lock = threading.Lock()
+        _pricers.add(self)
         # functools.lru_cache is implemented in C and thread-safe: ~0.1 us per hit.
         self._memo = functools.lru_cache(maxsize=cache_size)(self._memo_miss)
         self._resolve = functools.lru_cache(maxsize=resolution_cache_size)(self._build_resolution)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -270,6 +272,7 @@ class UsageSummary:
         price: Callable[[UsageRecord], UsageRecord] | None = None,
     ) -> None:
         self._lock = threading.Lock()
+        _summaries.add(self)
         # A call's record, or its packed form (see packing.py) until the totals are read.
         self._records: dict[str, UsageRecord | bytes] = {}
         self._price = price
@@ -411,6 +414,19 @@ class UsageSummary:
             f"Total Cost (USD): ${t.total_cost:f}",
         ]
         return "\n".join(lines)
+
+
+_summaries: weakref.WeakSet[UsageSummary] = weakref.WeakSet()
+"""Every live :class:`UsageSummary`: a forked child gives each a new lock."""
+
+
+def _new_locks_after_fork() -> None:
+    for summary in list(_summaries):
+        summary._lock = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 class RunUsages(dict[str, dict[str, ModelUsage]]):

@@ -770,3 +770,12 @@ def test_a_forked_child_gets_a_free_warning_lock_even_if_the_parent_held_it() ->
     """A thread of the parent holding the lock at the fork would deadlock the child's pricing."""
     with pricing._warned_lock:
         assert lock_is_free_in_forked_child(lambda: pricing._warned_lock)
+
+
+@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # pytest's threads
+def test_a_forked_child_gets_a_free_snapshot_lock_even_if_the_parent_held_it() -> None:
+    """A parent's thread switching the price snapshot at the fork would deadlock the child's
+    next switch."""
+    pricer = Pricer()
+    with pricer._reset_lock:
+        assert lock_is_free_in_forked_child(lambda: pricer._reset_lock)

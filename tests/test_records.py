@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from helpers import lock_is_free_in_forked_child
 
 from langchain_tokenledger.records import RECORD_FIELDS, UsageRecord, make_record
 
@@ -140,3 +141,14 @@ def test_a_summary_counts_a_packed_call_as_its_record_and_keeps_the_first_per_ru
         call("r1", 10).replace(cost_usd=Decimal("0.5")),
         call("r2", 20, model="n").replace(cost_usd=Decimal("0.5")),
     ]
+
+
+@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # pytest's threads
+def test_a_forked_child_gets_a_free_summary_lock_even_if_the_parent_held_it() -> None:
+    """A parent's thread holding a summary's lock at the fork would deadlock the child's totals
+    (a ``track_usage`` block open across a ``multiprocessing`` fork, say)."""
+    from langchain_tokenledger.records import UsageSummary
+
+    summary = UsageSummary()
+    with summary._lock:
+        assert lock_is_free_in_forked_child(lambda: summary._lock)
