@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(BIN)/tokenledger demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check langchain_tokenledger tests benchmarks
-	$(BIN)/ruff format --check langchain_tokenledger tests benchmarks
+	$(BIN)/ruff check langchain_tokenledger tests benchmarks notebooks
+	$(BIN)/ruff format --check langchain_tokenledger tests benchmarks notebooks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
