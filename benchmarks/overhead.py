@@ -1,4 +1,4 @@
-"""What recording costs a LangChain call, measured side by side in one process.
+"""What recording costs a LangChain call, measured side by side in the same processes.
 
 Three sections (all by default, or pick with ``--only``):
 
@@ -9,12 +9,20 @@ Three sections (all by default, or pick with ``--only``):
   (round-robin, rotating the order), and a handler's *added* cost is the median over rounds of
   (its block's time per call - the bare block's of the same round): pairing blocks of one round
   cancels the machine's drift, which is larger than the differences measured. The added costs
-  are compared as a ratio, printed with its 90% interval (rounds resampled whole, 2,000 times).
-  ``invoke`` and ``stream`` run three times the rounds of the others: their blocks are the
-  cheapest, and their ratios sit nearest the target, where a few noisy rounds would otherwise
-  decide the verdict.
-  The ledger's writer thread runs during the measurement
-  (it competes for the GIL: that is part of the cost); each block lasts several writer
+  are compared as a ratio.
+
+  The rounds run in several fresh processes, one after the other (``--processes``, each with
+  its own hash seed, printed), and the medians are taken over the rounds of all of them. A
+  process's string hashes decide where CPython's caches put each name (attribute lookups go
+  through a type cache indexed by the name's hash), and here that moves a handler's added cost
+  by several microseconds from one process to the next, both handlers' and not by the same
+  amount: one process alone gave a ``stream`` ratio anywhere from x0.7 to x1.4, however many
+  rounds it ran. The ratio of each process is printed beside the pooled one. ``invoke`` and
+  ``stream`` run three times the rounds of the others: their blocks are the cheapest, and their
+  ratios sit nearest the target.
+
+  The ledger's writer process runs during the measurement (on the other core: its activity
+  slows the application's core too, and that counts); each block lasts several writer
   ``linger`` periods, and the rows left over at its end are flushed outside the timed region
   (the "incl. flush" column times that flush too, as an upper bound).
 * ``context`` (issue #3): per-call time inside ``track_usage`` and inside langchain-core's
@@ -26,7 +34,7 @@ Three sections (all by default, or pick with ``--only``):
 
 Run::
 
-    python benchmarks/overhead.py            # everything, a few minutes on 2 cores
+    python benchmarks/overhead.py            # everything, about 10 minutes on 2 cores
     python benchmarks/overhead.py --quick    # fewer rounds, for a smoke test
     python benchmarks/overhead.py --only calls
 """
@@ -44,9 +52,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from statistics import quantiles
 from typing import Any
 
 from _bench import median, ratio, table, us
@@ -66,8 +73,8 @@ TARGET = 1.25
 CONFIGS = ("bare", "noop", "usage_callback", "tokenledger")
 MAX_WEIGHT = 3
 """``invoke`` and ``stream`` run this many rounds per base round (see :attr:`Mode.weight`)."""
-RESAMPLES = 2000
-"""Bootstrap resamples behind each ratio's 90% interval."""
+PROCESSES = 8
+"""Fresh processes the per-call section runs in, one after the other (see the module's doc)."""
 
 
 class NoOpHandler(BaseCallbackHandler):
@@ -149,34 +156,15 @@ def added(with_handler: Sequence[float], bare: Sequence[float]) -> float:
     return median([w - b for w, b in zip(with_handler, bare, strict=True)])
 
 
-def ratio_interval(
-    ours: Sequence[float], theirs: Sequence[float], bare: Sequence[float]
-) -> tuple[float, float]:
-    """A 90% interval of ``added(ours, bare) / added(theirs, bare)``, bootstrapped over rounds.
-
-    Rounds are resampled whole (a round's three blocks stay together), so the interval shows
-    how far the printed ratio could move had the machine's noise fallen on other rounds.
-
-    Example:
-        >>> ratio_interval([3.0, 3.1, 2.9], [2.0, 2.0, 2.0], [1.0, 1.0, 1.0])
-        (1.9, 2.1)
-    """
-    rounds = list(zip(ours, theirs, bare, strict=True))
-    rng = random.Random(0)  # the same rounds give the same interval
-    ratios = []
-    for _ in range(RESAMPLES):
-        sample = rng.choices(rounds, k=len(rounds))
-        theirs_added = median([t - b for _, t, b in sample])
-        if theirs_added > 0:
-            ratios.append(median([o - b for o, _, b in sample]) / theirs_added)
-    if not ratios:
-        return (0.0, 0.0)
-    cuts = quantiles(ratios, n=20)
-    return (cuts[0], cuts[-1])
+def _calls_worker(rounds: int, scale: float) -> dict[str, Any]:
+    """Runs in a fresh process: interleaved per-call timings of every mode (seconds per call,
+    one value per round), as ``{mode name: Samples as a dict}``."""
+    with tempfile.TemporaryDirectory(prefix="tokenledger-bench-") as tmp:
+        samples = _time_calls(rounds, scale, Path(tmp))
+    return {name: asdict(s) for name, s in samples.items()}
 
 
-def measure_calls(rounds: int, scale: float, workdir: Path) -> list[list[str]]:
-    """Interleaved per-call timings of every mode; one table row per mode."""
+def _time_calls(rounds: int, scale: float, workdir: Path) -> dict[str, Samples]:
     model = FakeUsageChatModel()  # 20 chunks when streamed; native async
     ledger = Ledger(f"sqlite:///{workdir / 'overhead.db'}")
     configs: dict[str, RunnableConfig | None] = {
@@ -219,37 +207,78 @@ def measure_calls(rounds: int, scale: float, workdir: Path) -> list[list[str]]:
                     ledger.flush()
                     s.with_flush.append((elapsed + time.perf_counter() - start) / mode.calls)
     loop.close()
-    rows_written = ledger.query("SELECT COUNT(*) AS n FROM llm_calls")[0]["n"]
     ledger.close()
+    return samples
+
+
+def measure_calls(processes: int, rounds: int, scale: float) -> tuple[list[list[str]], list[int]]:
+    """Per-call timings of every mode from ``processes`` fresh processes, one after the other,
+    each with its own hash seed; one table row per mode, and the seeds."""
+    seeds = [random.randrange(2**32) for _ in range(processes)]
+    runs: list[dict[str, Any]] = []
+    for seed in seeds:
+        argv = [
+            sys.executable,
+            __file__,
+            "--calls-worker",
+            json.dumps({"rounds": rounds, "scale": scale}),
+        ]
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        done = subprocess.run(argv, check=True, capture_output=True, text=True, env=env)
+        runs.append(json.loads(done.stdout))
 
     out = []
-    for mode in all_modes:
-        s = samples[mode.name]
+    for mode in modes(FakeUsageChatModel(), scale):
+        per_process = [Samples(**run[mode.name]) for run in runs]
+        s = Samples(
+            per_call={c: [v for p in per_process for v in p.per_call[c]] for c in CONFIGS},
+            with_flush=[v for p in per_process for v in p.with_flush],
+            backlog=[v for p in per_process for v in p.backlog],
+        )
         bare = median(s.per_call["bare"])
         noop = added(s.per_call["noop"], s.per_call["bare"])
         theirs = added(s.per_call["usage_callback"], s.per_call["bare"])
         ours = added(s.per_call["tokenledger"], s.per_call["bare"])
         ours_flushed = added(s.with_flush, s.per_call["bare"])
-        low, high = ratio_interval(
-            s.per_call["tokenledger"], s.per_call["usage_callback"], s.per_call["bare"]
-        )
         verdict = "met" if ours <= TARGET * theirs else "NOT met"
         out.append(
             [
                 mode.name,
                 us(bare),
-                f"+{us(noop)}",
-                f"+{us(theirs)}",
-                f"+{us(ours)}",
-                f"+{us(ours_flushed)}",
+                plus_us(noop),
+                plus_us(theirs),
+                plus_us(ours),
+                plus_us(ours_flushed),
                 f"**{ratio(ours / theirs)}** ({verdict})",
-                f"{ratio(low)} .. {ratio(high)}",
+                " ".join(ratio(process_ratio(p)) for p in per_process),
                 str(len(s.per_call["bare"])),
                 f"{median([float(b) for b in s.backlog]):.0f} / {mode.calls}",
             ]
         )
-    print(f"({rows_written:,} rows written by the ledger during the measurement)", file=sys.stderr)
-    return out
+    return out, seeds
+
+
+def plus_us(seconds: float) -> str:
+    """An added time, signed, e.g. ``"+37 us"`` (a noisy run can measure less than nothing).
+
+    Example:
+        >>> plus_us(0.000037), plus_us(-0.000002)
+        ('+37 us', '-2 us')
+    """
+    return f"{seconds * 1e6:+.0f} us"
+
+
+def process_ratio(s: Samples) -> float:
+    """One process's ratio: what ``TokenLedgerHandler`` adds over what
+    ``UsageMetadataCallbackHandler`` adds.
+
+    Example:
+        >>> process_ratio(Samples(per_call={"bare": [1.0, 1.5], "noop": [1.5, 2.0],
+        ...     "usage_callback": [3.0, 3.5], "tokenledger": [3.5, 4.0]}))
+        1.25
+    """
+    theirs = added(s.per_call["usage_callback"], s.per_call["bare"])
+    return added(s.per_call["tokenledger"], s.per_call["bare"]) / theirs
 
 
 # -- the context-manager section (issue #3) ------------------------------------------------------
@@ -344,7 +373,7 @@ def measure_context(repeats: int, rounds: int, calls: int, prior_uses: int) -> l
                 us(per_call("theirs", prior, "inside")),
                 us(per_call("ours", prior, "bare")),
                 us(per_call("ours", prior, "inside")),
-                f"+{us(theirs)} / +{us(ours)}",
+                f"{plus_us(theirs)} / {plus_us(ours)}",
                 f"**{ratio(ours / theirs)}**" if prior == 0 else ratio(ours / theirs),
                 ratio(drift),
             ]
@@ -360,24 +389,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("calls", "context", "rate"), action="append")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke test)")
-    parser.add_argument("--rounds", type=int, default=20, help="rounds of the per-call section")
+    parser.add_argument(
+        "--processes", type=int, default=PROCESSES, help="processes of the per-call section"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds per process of the per-call section"
+    )
+    parser.add_argument("--calls-worker", help=argparse.SUPPRESS)
     parser.add_argument("--context-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.calls_worker:
+        print(json.dumps(_calls_worker(**json.loads(args.calls_worker))))
+        return
     if args.context_worker:
         spec = json.loads(args.context_worker)
         print(json.dumps(_context_worker(**spec)))
         return
 
     sections = args.only or ["calls", "context", "rate"]
-    rounds = 3 if args.quick else args.rounds
+    rounds = 1 if args.quick else args.rounds
+    processes = 2 if args.quick else args.processes
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs\n")
     if "calls" in sections:
-        with tempfile.TemporaryDirectory(prefix="tokenledger-bench-") as tmp:
-            rows = measure_calls(rounds, 0.25 if args.quick else 1.0, Path(tmp))
+        rows, seeds = measure_calls(processes, rounds, 0.25 if args.quick else 1.0)
         print(
-            f"Per-call time ({rounds} interleaved rounds, {rounds * MAX_WEIGHT} for `invoke` "
-            "and `stream`; added = median over rounds of (with handler - without, same "
-            "round); the interval: 90%, bootstrapped over rounds):\n\n"
+            f"Per-call time ({processes} processes, hash seeds {', '.join(map(str, seeds))}; "
+            f"{rounds} interleaved rounds in each, {rounds * MAX_WEIGHT} for `invoke` and "
+            "`stream`; added = median over all rounds of (with handler - without, same "
+            "round)):\n\n"
             + table(
                 [
                     "call",
@@ -387,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "`TokenLedgerHandler` adds",
                     "… incl. flush",
                     f"ratio (target <= x{TARGET})",
-                    "ratio's 90% interval",
+                    "ratio in each process",
                     "rounds",
                     "rows pending at block end",
                 ],
