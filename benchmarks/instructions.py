@@ -54,9 +54,13 @@ def _worker(config: str, mode: str, calls: int) -> None:
         "bare": lambda: None,
         "noop": lambda: {"callbacks": [NoOpHandler()]},
         "usage_callback": lambda: {"callbacks": [UsageMetadataCallbackHandler()]},
+        # The writer process is not counted; pulling rarely, it leaves this process's reader
+        # thread asleep, which would otherwise wake more often the slower valgrind runs us.
         "tokenledger": lambda: {
             "callbacks": [
-                TokenLedgerHandler(Ledger(f"sqlite:///{tempfile.mkdtemp()}/instructions.db"))
+                TokenLedgerHandler(
+                    Ledger(f"sqlite:///{tempfile.mkdtemp()}/instructions.db", linger=60)
+                )
             ]
         },
     }
@@ -72,6 +76,10 @@ def _worker(config: str, mode: str, calls: int) -> None:
                 model.invoke("hi", config=config_value)
 
     run(WARM_UP)
+    if config_value is not None:
+        for handler in config_value["callbacks"]:
+            if isinstance(handler, TokenLedgerHandler):
+                handler.flush()  # the writer process up and idle before the counted calls
     run(calls)
     sys.stdout.flush()
     os._exit(0)  # no teardown: it would differ with what was recorded
