@@ -13,13 +13,12 @@ Three sections (all by default, or pick with ``--only``):
 
   The rounds run in several fresh processes, one after the other (``--processes``, each with
   its own hash seed, printed), and the medians are taken over the rounds of all of them. A
-  process's string hashes decide where CPython's caches put each name (attribute lookups go
-  through a type cache indexed by the name's hash), and here that moves a handler's added cost
-  by several microseconds from one process to the next, both handlers' and not by the same
-  amount: one process alone gave a ``stream`` ratio anywhere from x0.7 to x1.4, however many
-  rounds it ran. The ratio of each process is printed beside the pooled one. ``invoke`` and
-  ``stream`` run three times the rounds of the others: their blocks are the cheapest, and their
-  ratios sit nearest the target.
+  process's hash seed (through its dicts' layouts and where its objects land in memory) moves a
+  handler's added cost by several microseconds from one process to the next, both handlers'
+  and not by the same amount: one process alone gave a ``stream`` ratio anywhere from x0.7 to
+  x1.5, however many rounds it ran (docs/benchmarks.md, eighth pass). The ratio of each
+  process is printed beside the pooled one. ``invoke`` and ``stream`` run three times the
+  rounds of the others: their blocks are the cheapest, and their ratios sit nearest the target.
 
   The ledger's writer process runs during the measurement (on the other core: its activity
   slows the application's core too, and that counts); each block lasts several writer
