@@ -223,8 +223,7 @@ def measure_calls(processes: int, rounds: int, scale: float) -> tuple[list[list[
             json.dumps({"rounds": rounds, "scale": scale}),
         ]
         env = {**os.environ, "PYTHONHASHSEED": str(seed)}
-        done = subprocess.run(argv, check=True, capture_output=True, text=True, env=env)
-        runs.append(json.loads(done.stdout))
+        runs.append(json.loads(_worker_output(argv, env)))
 
     out = []
     for mode in modes(FakeUsageChatModel(), scale):
@@ -255,6 +254,14 @@ def measure_calls(processes: int, rounds: int, scale: float) -> tuple[list[list[
             ]
         )
     return out, seeds
+
+
+def _worker_output(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """A worker subprocess's stdout; if it fails, an error that carries its stderr."""
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return done.stdout
 
 
 def plus_us(seconds: float) -> str:
@@ -351,8 +358,7 @@ def measure_context(repeats: int, rounds: int, calls: int, prior_uses: int) -> l
                     "--context-worker",
                     json.dumps({"kind": kind, "prior": prior, "rounds": rounds, "calls": calls}),
                 ]
-                done = subprocess.run(argv, check=True, capture_output=True, text=True)
-                results.setdefault((kind, prior), []).append(json.loads(done.stdout))
+                results.setdefault((kind, prior), []).append(json.loads(_worker_output(argv)))
 
     def per_call(kind: str, prior: int, key: str) -> float:
         return median([r[key] for r in results[(kind, prior)]])
