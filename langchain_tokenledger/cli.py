@@ -46,7 +46,7 @@ from .query import (
     summarize,
     top_runs,
 )
-from .records import RECORD_FIELDS, UsageRecord
+from .records import RECORD_FIELDS, TOKEN_FIELDS, UsageRecord
 from .schema import schema_version
 from .store import Ledger, LedgerError, _create_engine, resolve_url
 from .views import MEASURES
@@ -488,14 +488,7 @@ def parquet_schema(pa: Any) -> Any:
     """The Parquet schema of an export: typed columns, ``tags``/``notes`` as string lists,
     ``usage_details``/``metadata`` as JSON text."""
     types: dict[str, Any] = {name: pa.string() for name in RECORD_FIELDS}
-    for name in (
-        "input_tokens",
-        "output_tokens",
-        "total_tokens",
-        "cache_read_tokens",
-        "cache_creation_tokens",
-        "reasoning_tokens",
-    ):
+    for name in TOKEN_FIELDS:
         types[name] = pa.int64()
     types["cost_usd"] = pa.decimal128(24, 12)
     types["cache_hit"] = types["streamed"] = pa.bool_()

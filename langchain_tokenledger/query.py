@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import sqlalchemy as sa
 
-from .records import RECORD_FIELDS, ModelUsage, UsageRecord
+from .records import RECORD_FIELDS, TOKEN_FIELDS, ModelUsage, UsageRecord
 from .schema import llm_calls
 from .views import (
     MEASURES,
@@ -882,21 +882,11 @@ def to_pandas(
     df = pd.DataFrame.from_records(records, columns=list(RECORD_FIELDS))
     for name in ("started_at", "ended_at"):
         df[name] = pd.to_datetime(df[name], utc=True)
-    for name in _INT_COLUMNS:
+    for name in TOKEN_FIELDS:
         df[name] = df[name].astype("Int64")
     for name in ("latency_ms", "ttft_ms", "cost_usd"):
         df[name] = pd.to_numeric(df[name].map(_float), errors="coerce").astype("float64")
     return df
-
-
-_INT_COLUMNS = (
-    "input_tokens",
-    "output_tokens",
-    "total_tokens",
-    "cache_read_tokens",
-    "cache_creation_tokens",
-    "reasoning_tokens",
-)
 
 
 def _float(value: Any) -> float | None:

@@ -99,6 +99,13 @@ class UsageRecord:
 
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageRecord))
 """Column order of ``llm_calls``; the writer and the schema both follow it."""
+TOKEN_FIELDS: tuple[str, ...] = tuple(name for name in RECORD_FIELDS if name.endswith("_tokens"))
+"""The token count columns (integers), in column order.
+
+Example:
+    >>> TOKEN_FIELDS[:3]
+    ('input_tokens', 'output_tokens', 'total_tokens')
+"""
 
 _FIELD_INDEX = {name: i for i, name in enumerate(RECORD_FIELDS)}
 record_values: Callable[[UsageRecord], tuple[Any, ...]] = operator.attrgetter(*RECORD_FIELDS)
