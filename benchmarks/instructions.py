@@ -21,6 +21,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import shutil
@@ -29,58 +30,32 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from _bench import ratio, table
+from overhead import CONFIGS, configurations, modes
 
-CONFIGS = ("bare", "noop", "usage_callback", "tokenledger")
+from langchain_tokenledger import Ledger
+from langchain_tokenledger.testing import FakeUsageChatModel
+
 EVENTS = {"instructions": r"I\s+refs", "mispredicts": r"Mispredicts", "d1_misses": r"D1\s+misses"}
 """The events counted, and the pattern of each one's line in cachegrind's summary."""
 WARM_UP = 20
 
 
 def _worker(config: str, mode: str, calls: int) -> None:
-    """Make ``WARM_UP`` then ``calls`` calls in ``config`` (run under cachegrind)."""
-    import gc
-
-    from langchain_core.callbacks import UsageMetadataCallbackHandler
-    from overhead import NoOpHandler
-
-    from langchain_tokenledger import Ledger, TokenLedgerHandler
-    from langchain_tokenledger.testing import FakeUsageChatModel
-
-    model = FakeUsageChatModel()
-    options: dict[str, Any] = {
-        "bare": lambda: None,
-        "noop": lambda: {"callbacks": [NoOpHandler()]},
-        "usage_callback": lambda: {"callbacks": [UsageMetadataCallbackHandler()]},
-        # The writer process is not counted; pulling rarely, it leaves this process's reader
-        # thread asleep, which would otherwise wake more often the slower valgrind runs us.
-        "tokenledger": lambda: {
-            "callbacks": [
-                TokenLedgerHandler(
-                    Ledger(f"sqlite:///{tempfile.mkdtemp()}/instructions.db", linger=60)
-                )
-            ]
-        },
-    }
-    config_value = options[config]()
+    """Make ``WARM_UP`` then ``calls`` calls in ``config`` (run under cachegrind), as
+    ``overhead.py`` makes them."""
+    # The writer process is not counted; pulling rarely, it leaves this process's reader thread
+    # asleep, which would otherwise wake more often the slower valgrind runs us.
+    ledger = Ledger(f"sqlite:///{tempfile.mkdtemp()}/instructions.db", linger=60)
+    config_value = configurations(ledger)[config]
+    [call] = [m for m in modes(FakeUsageChatModel(), 1.0) if m.name.split(",")[0] == f"`{mode}`"]
+    assert call.sync is not None
     gc.disable()  # a collection would land in one run and not the other
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            if mode == "stream":
-                for _chunk in model.stream("hi", config=config_value):
-                    pass
-            else:
-                model.invoke("hi", config=config_value)
-
-    run(WARM_UP)
-    if config_value is not None:
-        for handler in config_value["callbacks"]:
-            if isinstance(handler, TokenLedgerHandler):
-                handler.flush()  # the writer process up and idle before the counted calls
-    run(calls)
+    call.sync(config_value, WARM_UP)
+    if config == "tokenledger":
+        ledger.flush()  # the writer process up and idle before the counted calls
+    call.sync(config_value, calls)
     sys.stdout.flush()
     os._exit(0)  # no teardown: it would differ with what was recorded
 

@@ -163,15 +163,20 @@ def _calls_worker(rounds: int, scale: float) -> dict[str, Any]:
     return {name: asdict(s) for name, s in samples.items()}
 
 
-def _time_calls(rounds: int, scale: float, workdir: Path) -> dict[str, Samples]:
-    model = FakeUsageChatModel()  # 20 chunks when streamed; native async
-    ledger = Ledger(f"sqlite:///{workdir / 'overhead.db'}")
-    configs: dict[str, RunnableConfig | None] = {
+def configurations(ledger: Ledger) -> dict[str, RunnableConfig | None]:
+    """The run config of each of :data:`CONFIGS` (the ledger's handler writes to ``ledger``)."""
+    return {
         "bare": None,
         "noop": {"callbacks": [NoOpHandler()]},
         "usage_callback": {"callbacks": [UsageMetadataCallbackHandler()]},
         "tokenledger": {"callbacks": [TokenLedgerHandler(ledger)]},
     }
+
+
+def _time_calls(rounds: int, scale: float, workdir: Path) -> dict[str, Samples]:
+    model = FakeUsageChatModel()  # 20 chunks when streamed; native async
+    ledger = Ledger(f"sqlite:///{workdir / 'overhead.db'}")
+    configs = configurations(ledger)
     loop = asyncio.new_event_loop()
     all_modes = modes(model, scale)
     samples = {m.name: Samples() for m in all_modes}
